@@ -1,0 +1,60 @@
+"""Assemble the Ray Serve application: one deployment per model behind the router.
+
+``build_app`` is the import path Ray Serve configs use::
+
+    applications:
+      - name: rayllm
+        route_prefix: /
+        import_path: rayllm_app.app:build_app
+        args:
+          models: [models/smollm2-135m-instruct.yaml]   # files, folders or inline mappings
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.deployment import Application
+
+from rayllm_app.config import ConfigError, ModelConfig, load_model_configs
+from rayllm_app.model_deployment import build_model_deployment
+from rayllm_app.model_source import local_context_length
+from rayllm_app.router import Router
+
+
+def model_card(config: ModelConfig, created: int) -> dict[str, Any]:
+    engine = config.engine_config
+    context = local_context_length(config)
+    return {
+        "id": engine.model_id,
+        "created": created,
+        "root": engine.model_source,
+        "max_model_len": context,
+        "metadata": {
+            "description": engine.model_description,
+            "url": engine.model_url,
+            "context_length": context,
+            "engine": engine.type,
+            "num_workers": config.scaling_config.num_workers,
+        },
+    }
+
+
+def build_app_from_configs(configs: list[ModelConfig]) -> Application:
+    if not configs:
+        raise ConfigError("No enabled models to serve: pass at least one model config.")
+    created = int(time.time())
+    handles = [build_model_deployment(config) for config in configs]
+    cards = [model_card(config, created) for config in configs]
+    return Router.bind(handles, cards)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Ray Serve application builder: ``args.models`` lists model files, folders or mappings."""
+    models = args.get("models")
+    if isinstance(models, (str, dict)):
+        models = [models]
+    if not models:
+        raise ConfigError("build_app needs args.models: a list of model YAML paths, folders or mappings.")
+    return build_app_from_configs(load_model_configs(list(models)))

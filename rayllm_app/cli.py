@@ -1,0 +1,157 @@
+"""The ``rayllm`` command: run, validate, list, query, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_BASE_URL = os.environ.get("RAYLLM_BASE_URL", "http://127.0.0.1:8000/v1")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from rayllm_app.config import ConfigError, expand_model_paths, load_model_config
+
+    failures = 0
+    for path in expand_model_paths(args.paths):
+        try:
+            config = load_model_config(path)
+        except ConfigError as error:
+            failures += 1
+            print(error, file=sys.stderr)
+            continue
+        state = "ok" if config.enabled else "ok (disabled)"
+        print(f"{path}: {state}: model '{config.model_id}'")
+    return 1 if failures else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from rayllm_app.app import build_app_from_configs
+    from rayllm_app.config import ConfigError, load_model_configs
+
+    try:
+        configs = load_model_configs(args.model)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app_from_configs(configs), name=args.name, route_prefix="/", blocking=False)
+    names = ", ".join(c.model_id for c in configs)
+    print(f"Serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("Shutting down...", flush=True)
+    serve.delete(args.name)
+    if not args.address:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from openai import OpenAI
+
+    return OpenAI(base_url=args.base_url, api_key=args.api_key or os.environ.get("RAYLLM_API_KEY", "none"))
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    for card in _client(args).models.list().data:
+        extra = getattr(card, "max_model_len", None)
+        print(f"{card.id}\tcontext={extra}" if extra else card.id)
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    stream = _client(args).chat.completions.create(
+        model=args.model, messages=messages, stream=True, max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            sys.stdout.write(chunk.choices[0].delta.content)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_prepare_default(_: argparse.Namespace) -> int:
+    from rayllm_app.default_model import prepare_default_model
+
+    print(prepare_default_model())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve one or more models on Ray Serve")
+    run.add_argument("--model", action="append", required=True, type=Path,
+                     help="model YAML file or folder of them (repeatable)")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    run.add_argument("--num-cpus", type=int, default=max(8, os.cpu_count() or 1),
+                     help="logical CPUs for a new local Ray (default: max(8, cores))")
+    run.add_argument("--name", default="rayllm", help="Ray Serve application name")
+    run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=False,
+                     help="set HF_HUB_OFFLINE=1 for the engines")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check model YAMLs against the schema (no Ray needed)")
+    validate.add_argument("paths", nargs="+", type=Path)
+    validate.set_defaults(func=_cmd_validate)
+
+    for name, func, text in (("models", _cmd_models, "list served models"),
+                             ("query", _cmd_query, "stream a chat answer to the terminal")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--base-url", default=DEFAULT_BASE_URL)
+        cmd.add_argument("--api-key", default=None)
+        cmd.set_defaults(func=func)
+        if name == "query":
+            cmd.add_argument("model")
+            cmd.add_argument("prompt")
+            cmd.add_argument("--system", default=None)
+            cmd.add_argument("--max-tokens", type=int, default=256)
+            cmd.add_argument("--temperature", type=float, default=0.0)
+
+    prepare = sub.add_parser("prepare-default", help="convert the embedded SmolLM2 model once")
+    prepare.set_defaults(func=_cmd_prepare_default)
+
+    try:
+        from rayllm_app import bench
+    except ImportError:
+        bench = None
+    if bench is not None:
+        bench_cmd = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint")
+        bench.add_arguments(bench_cmd)
+        bench_cmd.set_defaults(func=bench.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""OpenAI-shaped errors.
+
+Every failure a client can see is one of these, so the router can turn it into
+``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status, and a
+stream can turn it into an SSE error event.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class OpenAIError(Exception):
+    """Base class: carries everything needed to render the OpenAI error envelope."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+    def to_wire(self) -> "ErrorReply":
+        return ErrorReply(self.status_code, json.dumps(self.to_dict()).encode(), dict(self.headers))
+
+
+class InvalidRequestError(OpenAIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    default_code = "unsupported_parameter"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFoundError(OpenAIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        listing = ", ".join(sorted(available)) or "none"
+        super().__init__(
+            f"The model '{model}' does not exist. Models served here: {listing}.",
+            param="model",
+        )
+
+
+class OverloadedError(OpenAIError):
+    status_code = 503
+    error_type = "server_overloaded"
+    default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ModelUnavailableError(OpenAIError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineError(OpenAIError):
+    status_code = 500
+    error_type = "internal_error"
+    default_code = "engine_error"
+
+
+def error_body(message: str, error_type: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """An error as it travels from a model replica to the router: status and encoded body."""
+
+    status_code: int
+    body: bytes
+    headers: dict[str, str]

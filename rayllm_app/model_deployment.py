@@ -1,0 +1,110 @@
+"""One Ray Serve deployment per model: each replica owns a worker group and a vLLM engine."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from rayllm_app.config import ModelConfig, parse_model_config
+from rayllm_app.errors import ErrorReply
+from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+
+class ModelServer:
+    """A replica: fetch the weights, start the engine, answer OpenAI requests as bytes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from rayllm_app.engine import VLLMEngine
+        from rayllm_app.model_source import resolve_model_path
+        from rayllm_app.serving import ModelServing
+
+        self.config = parse_model_config(config, f"model '{config.get('engine_config', {}).get('model_id')}'")
+        model_path = resolve_model_path(self.config)
+        self.engine = VLLMEngine.start(self.config, model_path)
+        self.serving = ModelServing(self.config, self.engine)
+
+    async def chat(self, request: ChatCompletionRequest) -> bytes | ErrorReply:
+        return await self.serving.chat(request)
+
+    async def completion(self, request: CompletionRequest) -> bytes | ErrorReply:
+        return await self.serving.completion(request)
+
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[bytes | ErrorReply]:
+        async for item in self.serving.chat_stream(request):
+            yield item
+
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[bytes | ErrorReply]:
+        async for item in self.serving.completion_stream(request):
+            yield item
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically: a dead engine makes the replica unhealthy."""
+        await self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def deployment_name(model_id: str) -> str:
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_id).strip("-")
+
+
+def placement_bundles(config: ModelConfig) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Bundles of the replica's worker group, and the replica actor's own options.
+
+    With one worker the engine runs inside the replica process, so the replica's bundle
+    and the worker's are one (the replica must see the worker's GPU). With more, the
+    replica gets its own bundle and the engine's Ray workers take the others.
+    """
+    scaling = config.scaling_config
+    actor_options = dict(config.deployment_config.ray_actor_options)
+    actor_options.setdefault("num_cpus", 1)
+    runtime_env = dict(config.engine_config.runtime_env)
+    if actor_options.get("runtime_env"):
+        runtime_env = {**actor_options["runtime_env"], **runtime_env}
+    if runtime_env:
+        actor_options["runtime_env"] = runtime_env
+    replica_bundle: dict[str, float] = {"CPU": float(actor_options["num_cpus"])}
+    if actor_options.get("num_gpus"):
+        replica_bundle["GPU"] = float(actor_options["num_gpus"])
+    for name, amount in (actor_options.get("resources") or {}).items():
+        replica_bundle[name] = float(amount)
+    worker = scaling.worker_bundle()
+    if scaling.num_workers == 1:
+        merged = dict(worker)
+        for name, amount in replica_bundle.items():
+            merged[name] = merged.get(name, 0.0) + amount
+        if worker.get("GPU"):
+            actor_options["num_gpus"] = worker["GPU"] + float(actor_options.get("num_gpus") or 0)
+        return [merged], actor_options
+    return [replica_bundle] + [dict(worker) for _ in range(scaling.num_workers)], actor_options
+
+
+def build_model_deployment(config: ModelConfig) -> Application:
+    deployment = config.deployment_config
+    bundles, actor_options = placement_bundles(config)
+    return serve.deployment(ModelServer).options(
+        name=deployment_name(config.model_id),
+        autoscaling_config=deployment.autoscaling_config.to_serve(),
+        max_ongoing_requests=deployment.max_ongoing_requests,
+        max_queued_requests=deployment.max_queued_requests,
+        ray_actor_options=actor_options,
+        placement_group_bundles=bundles,
+        placement_group_strategy=config.scaling_config.placement_strategy,
+        health_check_period_s=deployment.health_check_period_s,
+        health_check_timeout_s=deployment.health_check_timeout_s,
+        graceful_shutdown_timeout_s=deployment.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=deployment.graceful_shutdown_wait_loop_s,
+    ).bind(config.model_dump(mode="json"))

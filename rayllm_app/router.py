@@ -1,0 +1,196 @@
+"""The router: a FastAPI ingress that serves the OpenAI API and dispatches by ``model``.
+
+It validates requests, answers ``/v1/models`` from the configs (never waking a model),
+and forwards each request to its model's deployment, passing the replica's bytes
+straight through to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rayllm_app.errors import (
+    EngineError,
+    ErrorReply,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    OpenAIError,
+    OverloadedError,
+    error_body,
+)
+from rayllm_app.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 503)
+}
+
+app = FastAPI(
+    title="rayllm-app",
+    description="OpenAI-compatible multi-model LLM serving on Ray Serve and vLLM.",
+    version="0.1.0",
+)
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+
+
+def _describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON: " + str(first.get("msg")), None
+    if first.get("type") == "extra_forbidden":
+        return f"Unsupported parameter: '{param}' is not supported by this server.", param
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    message = str(first.get("msg", "invalid value"))
+    return (f"Invalid value for '{param}': {message}" if param else message), param
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _describe_validation_error(list(exc.errors()))
+    code = "unsupported_parameter" if "Unsupported parameter" in message else None
+    return error_response(InvalidRequestError(message, param=param, code=code))
+
+
+@app.exception_handler(OpenAIError)
+async def _on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def _translate_serve_error(error: BaseException, model: str) -> OpenAIError:
+    """Map what Ray Serve raises while routing or running a request to an OpenAI error."""
+    from ray import exceptions as ray_exceptions
+    from ray.serve import exceptions as serve_exceptions
+
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, serve_exceptions.BackPressureError):
+        return OverloadedError(f"Model '{model}' has too many queued requests. Retry after a short wait.")
+    if isinstance(error, getattr(serve_exceptions, "DeploymentUnavailableError", ())):
+        return ModelUnavailableError(f"Model '{model}' is not available right now: {error}")
+    if isinstance(error, (ray_exceptions.RayActorError, ray_exceptions.ActorDiedError)):
+        return ModelUnavailableError(
+            f"The replica serving model '{model}' stopped while handling this request; retry it."
+        )
+    if isinstance(error, ray_exceptions.RayTaskError):
+        cause = error.cause if hasattr(error, "cause") else None
+        if isinstance(cause, OpenAIError):
+            return cause
+        return EngineError(f"Model '{model}' failed on this request: {type(cause or error).__name__}: {cause}")
+    return EngineError(f"Model '{model}' failed on this request: {type(error).__name__}: {error}")
+
+
+def _reply(result: bytes | ErrorReply) -> Response:
+    if isinstance(result, ErrorReply):
+        return Response(result.body, status_code=result.status_code, headers=result.headers,
+                        media_type="application/json")
+    return Response(result, media_type="application/json")
+
+
+@serve.deployment(
+    name="router",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+)
+@serve.ingress(app)
+class Router:
+    def __init__(self, handles: list[DeploymentHandle], cards: list[dict[str, Any]]) -> None:
+        self.cards = [ModelCard.model_validate(card) for card in cards]
+        self.handles = {card.id: handle for card, handle in zip(self.cards, handles)}
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        handle = self.handles.get(model)
+        if handle is None:
+            raise ModelNotFoundError(model, list(self.handles))
+        return handle
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(self.handles)}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self) -> ModelList:
+        return ModelList(data=self.cards)
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(self, model_id: str) -> ModelCard:
+        for card in self.cards:
+            if card.id == model_id:
+                return card
+        raise ModelNotFoundError(model_id, list(self.handles))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        return await self._dispatch(body, "chat")
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(self, body: CompletionRequest) -> Response:
+        return await self._dispatch(body, "completion")
+
+    async def _dispatch(self, body: ChatCompletionRequest | CompletionRequest, method: str) -> Response:
+        handle = self._handle(body.model)
+        if not body.stream:
+            try:
+                result = await getattr(handle, method).remote(body)
+            except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
+                return error_response(_translate_serve_error(error, body.model))
+            return _reply(result)
+        stream = getattr(handle.options(stream=True), f"{method}_stream").remote(body)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return error_response(EngineError(f"Model '{body.model}' ended the stream without output."))
+        except Exception as error:  # noqa: BLE001
+            stream.cancel()
+            return error_response(_translate_serve_error(error, body.model))
+        if isinstance(first, ErrorReply):
+            stream.cancel()
+            return _reply(first)
+        return StreamingResponse(self._relay(first, stream, body.model), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+    async def _relay(self, first: bytes, stream: Any, model: str) -> AsyncIterator[bytes]:
+        """Pass the replica's SSE frames through; a failure mid-stream becomes an error event."""
+        try:
+            yield first
+            async for chunk in stream:
+                yield chunk
+        except Exception as error:  # noqa: BLE001
+            payload = _translate_serve_error(error, model).to_dict()
+            yield b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+        finally:
+            stream.cancel()
