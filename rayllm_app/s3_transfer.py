@@ -36,7 +36,7 @@ log = logging.getLogger("rayllm_app.s3_mirror")
 T = TypeVar("T")
 
 CHUNK_BYTES = 1 << 20  # one socket read / pwrite; memory is ~threads x this
-MIN_SPLIT_BYTES = 8 << 20  # never split a range into halves smaller than this
+MIN_SPLIT_BYTES = 64 << 20  # halves never smaller: each extra request costs a round trip (and moto a full read)
 _RETRYABLE = (
     bce.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ...
     bce.HTTPClientError,
@@ -198,6 +198,10 @@ class S3Client:
                 return S3MirrorError("changed", self.redact(
                     f"{what}: the object changed while it was being downloaded ({detail}); retry to "
                     "mirror the new version"))
+            if code == "InvalidObjectState":
+                return S3MirrorError("archived", self.redact(
+                    f"{what}: the object is in an archive storage class ({detail}); restore it (or copy it "
+                    "to STANDARD) before mirroring"))
             if code in ("NoSuchKey", "404") or status == 404:
                 return S3MirrorError("changed", self.redact(
                     f"{what}: the object disappeared after listing ({detail}); retry once the upload to "
@@ -225,6 +229,7 @@ class RemoteFile:
     fd: int = field(default=-1, init=False)
     etag_is_md5: bool = field(init=False)
     md5_comparable: bool = field(default=True, init=False)  # False for KMS/SSE-C: ETag is not the MD5
+    done: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.remaining = self.size
@@ -307,25 +312,25 @@ class Transfer:
     def __init__(self, s3: S3Client, files: list[RemoteFile], progress: Progress, threads: int) -> None:
         self.s3, self.files, self.progress, self.threads = s3, files, progress, threads
         self._lock = threading.Lock()
-        self._pending = deque(_Range(f, 0, f.size) for f in files if f.size > 0)
+        self._pending = deque(_Range(f, 0, f.size) for f in files)
         self._active: set[_Range] = set()
         self._error: BaseException | None = None
         self.requests = 0
 
     def run(self) -> None:
+        workers = [threading.Thread(target=self._worker, name=f"s3-mirror-{i}", daemon=True)
+                   for i in range(min(self.threads, len(self._pending)))]
         try:
-            for f in self.files:
-                if f.size == 0:
-                    self._open(f)
-                    self._finish(f)
-            workers = [threading.Thread(target=self._worker, name=f"s3-mirror-{i}", daemon=True)
-                       for i in range(min(self.threads, len(self._pending)))]
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
         except BaseException as exc:  # e.g. KeyboardInterrupt: stop the workers at their next chunk
-            self._error = self._error or exc
+            with self._lock:
+                self._error = self._error or exc
+            for w in workers:
+                if w.ident is not None:
+                    w.join()  # before closing their files below
             raise
         finally:
             if self._error is not None:
@@ -375,11 +380,14 @@ class Transfer:
         f = rng.file
         with self._lock:
             self._open(f)
+        if f.size == 0:
+            self._finish(f)
+            return
         clock = RetryClock(self.s3.config.retry_timeout_s, f"download of {f.uri}")
         while True:
             with self._lock:
                 start, end = rng.pos, rng.end
-            if start >= end:
+            if start >= end or self._error is not None:
                 return
             with self._lock:
                 self.requests += 1
@@ -407,8 +415,8 @@ class Transfer:
             while True:
                 with self._lock:
                     n = min(CHUNK_BYTES, rng.end - rng.pos)
-                    if n <= 0:
-                        return  # done, or the rest was split off: close() drops the connection
+                    if n <= 0 or self._error is not None:
+                        return  # done, split off, or cancelled: close() drops the connection
                     rng.reserved = rng.pos + n
                 data = body.read(n)
                 if not data:
@@ -425,7 +433,7 @@ class Transfer:
             body.close()
 
     def _open(self, f: RemoteFile) -> None:
-        if f.fd < 0:
+        if f.fd < 0 and not f.done:
             f.dest.parent.mkdir(parents=True, exist_ok=True)
             f.fd = os.open(f.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(f.fd, f.size)
@@ -446,6 +454,7 @@ class Transfer:
                                     f"{f.etag}; retry, or set verify_checksums: false if this server's ETags "
                                     "are not MD5 digests")
         os.replace(f.temp, f.dest)
+        f.done = True
         self.progress.add(files=1)
 
     def _discard_partials(self) -> None:
@@ -453,4 +462,5 @@ class Transfer:
             if f.fd >= 0:
                 os.close(f.fd)
                 f.fd = -1
-            f.temp.unlink(missing_ok=True)
+            if not f.done:
+                f.temp.unlink(missing_ok=True)

@@ -68,8 +68,9 @@ def bucket(server) -> str:
 
 
 def config_for(server: MotoS3Server, bucket: str, prefix: str = "llama/", **overrides) -> S3MirrorConfig:
-    return S3MirrorConfig(bucket_uri=f"s3://{bucket}/{prefix}", endpoint_url=server.url,
-                          retry_timeout_s=overrides.pop("retry_timeout_s", 2), **overrides)
+    overrides.setdefault("endpoint_url", server.url)
+    overrides.setdefault("retry_timeout_s", 2)
+    return S3MirrorConfig(bucket_uri=f"s3://{bucket}/{prefix}", **overrides)
 
 
 def sha256(path: Path) -> str:
@@ -106,7 +107,19 @@ def test_mirror_tiny_model_is_identical_loads_and_second_call_downloads_nothing(
         k: (s.st_ino, s.st_mtime_ns) for k, s in after.items()}
 
 
-def test_large_objects_download_in_parallel_ranges_with_few_log_lines(server, bucket, tmp_path, caplog):
+def test_changed_bucket_gets_a_new_snapshot_and_links_unchanged_files(server, bucket, tmp_path):
+    put(server, bucket, {"llama/config.json": b'{"v": 1}', "llama/model.safetensors": b"w" * 4096})
+    old = mirror_model_with_stats(config_for(server, bucket), MODEL_ID, tmp_path)
+    put(server, bucket, {"llama/config.json": b'{"v": 2}'})
+    new = mirror_model_with_stats(config_for(server, bucket), MODEL_ID, tmp_path)
+    assert new.rev != old.rev and (new.downloaded_files, new.linked_files) == (1, 1)
+    assert (new.path / "config.json").read_bytes() == b'{"v": 2}'
+    assert (old.path / "config.json").read_bytes() == b'{"v": 1}'
+    assert (new.path / "model.safetensors").stat().st_ino == (old.path / "model.safetensors").stat().st_ino
+
+
+def test_large_objects_download_in_parallel_ranges_with_few_log_lines(server, bucket, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(s3_transfer, "MIN_SPLIT_BYTES", 8 << 20)  # split these 64 MiB like 512 MiB shards
     multipart = os.urandom(64 << 20)  # uploaded in 8 MiB parts: multipart ETag, size is checked
     single = os.urandom(24 << 20)  # one PUT: ETag is the MD5, checked after the ranged download
     put(server, bucket, {"llama/config.json": b'{"model_type": "llama"}', "llama/single.bin": single})
@@ -296,6 +309,16 @@ def test_unreachable_endpoint_fails_fast_with_a_bounded_retry(tmp_path):
         mirror_model(config, MODEL_ID, tmp_path)
     assert info.value.reason == "unreachable"
     assert 0.1 < time.monotonic() - started < 10
+
+
+def test_unreachable_endpoint_falls_back_to_the_last_complete_mirror(server, bucket, tmp_path, caplog):
+    put(server, bucket, {"llama/config.json": b"{}", "llama/empty.txt": b""})
+    path = mirror_model(config_for(server, bucket), MODEL_ID, tmp_path)
+    assert (path / "empty.txt").read_bytes() == b""
+    offline = config_for(server, bucket, endpoint_url=f"http://127.0.0.1:{free_port()}", retry_timeout_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="rayllm_app.s3_mirror"):
+        assert mirror_model(offline, MODEL_ID, tmp_path) == path
+    assert "using the last complete mirror" in caplog.text
 
 
 def test_sync_filters_and_extra_files_land_where_configured(server, bucket, tmp_path):
