@@ -18,7 +18,7 @@ from typing import Any
 from ray.serve.deployment import Application
 
 from rayllm_app.config import ConfigError, ModelConfig, load_model_configs
-from rayllm_app.model_deployment import build_model_deployment
+from rayllm_app.model_deployment import build_model_deployment, deployment_name, placement_bundles
 from rayllm_app.model_source import local_context_length
 from rayllm_app.router import Router
 
@@ -41,13 +41,27 @@ def model_card(config: ModelConfig, created: int) -> dict[str, Any]:
     }
 
 
-def build_app_from_configs(configs: list[ModelConfig]) -> Application:
+def model_spec(config: ModelConfig) -> dict[str, Any]:
+    """What the router's status tracker needs to watch this model's deployment."""
+    bundles, _ = placement_bundles(config)
+    return {
+        "model_id": config.model_id,
+        "deployment": deployment_name(config.model_id),
+        "bundles": bundles,
+        "strategy": config.scaling_config.placement_strategy,
+        "pg_timeout_s": config.scaling_config.pg_timeout_s,
+        "cold_start_timeout_s": config.deployment_config.cold_start_timeout_s,
+    }
+
+
+def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None = None) -> Application:
     if not configs:
         raise ConfigError("No enabled models to serve: pass at least one model config.")
     created = int(time.time())
-    handles = [build_model_deployment(config) for config in configs]
+    extra = {"server_cls": server_cls} if server_cls is not None else {}
+    handles = [build_model_deployment(config, **extra) for config in configs]
     cards = [model_card(config, created) for config in configs]
-    return Router.bind(handles, cards)
+    return Router.bind(handles, cards, [model_spec(config) for config in configs])
 
 
 def build_app(args: dict[str, Any]) -> Application:

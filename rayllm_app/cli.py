@@ -48,7 +48,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app_from_configs(configs), name=args.name, route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app_from_configs(configs), name=args.name, route_prefix="/", blocking=False)
+    except RuntimeError as error:  # one model failing must not stop the others
+        print(f"Warning: not every model started; the others are serving (see /health).\n{error}",
+              file=sys.stderr)
     names = ", ".join(c.model_id for c in configs)
     print(f"Serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     stop = threading.Event()
@@ -144,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         bench_cmd = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint")
         bench.add_arguments(bench_cmd)
         bench_cmd.set_defaults(func=bench.run)
+
+    from rayllm_app import kuberay
+
+    kuberay.add_cli(sub)  # rayllm kuberay render ...
     return parser
 
 

@@ -99,6 +99,10 @@ class DeploymentConfig(StrictModel):
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
     graceful_shutdown_wait_loop_s: float = Field(2.0, gt=0)
+    max_constructor_retry_count: int = Field(
+        3, ge=1, description="Replica start attempts before the model is reported failed.")
+    cold_start_timeout_s: float = Field(
+        300.0, gt=0, description="How long a request waits for a replica of a model that has none running.")
 
     @model_validator(mode="before")
     @classmethod
@@ -136,12 +140,20 @@ class PromptFormat(StrictModel):
     def _needs_instruction(cls, value: str) -> str:
         if "{instruction}" not in value:
             raise ValueError("must contain the placeholder '{instruction}'")
+        try:
+            value.format(instruction="", system="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"has a placeholder other than {{instruction}}/{{system}} ({error}); "
+                "write literal braces as '{{' and '}}'") from None
         return value
 
     @model_validator(mode="after")
     def _system_placeholder(self) -> PromptFormat:
         if self.system_in_user and "{system}" not in self.user:
             raise ValueError("user must contain '{system}' when system_in_user is true")
+        if not self.system_in_user and "{system}" in self.user:
+            raise ValueError("user may contain '{system}' only when system_in_user is true")
         return self
 
 
@@ -175,6 +187,10 @@ class EngineConfig(StrictModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_total_tokens: int | None = Field(None, ge=16, description="Context length (prompt + output).")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    propagate_env: list[str] = Field(
+        default_factory=list,
+        description="Names of environment variables (e.g. HF_TOKEN) copied from the environment that "
+                    "builds the application into the replicas; their values are never logged.")
     s3_mirror_config: S3MirrorConfig | None = None
     model_description: str = ""
     model_url: str | None = None
@@ -246,8 +262,10 @@ class ModelConfig(StrictModel):
     @model_validator(mode="after")
     def _parallelism_matches_workers(self) -> ModelConfig:
         kwargs = self.engine_config.engine_kwargs
-        tp = int(kwargs.get("tensor_parallel_size", 1))
-        pp = int(kwargs.get("pipeline_parallel_size", 1))
+        tp, pp = (kwargs.get(name, 1) for name in ("tensor_parallel_size", "pipeline_parallel_size"))
+        for name, value in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"engine_config.engine_kwargs.{name} must be a positive integer, got {value!r}")
         if tp * pp != self.scaling_config.num_workers:
             raise ValueError(
                 f"engine_config.engine_kwargs.tensor_parallel_size ({tp}) x pipeline_parallel_size "

@@ -154,6 +154,12 @@ class VLLMEngine:
     def num_unfinished_requests(self) -> int:
         return self._engine.get_num_unfinished_requests()
 
+    def child_pids(self) -> list[int]:
+        """The engine's own processes (engine core, workers): children of this replica."""
+        import psutil
+
+        return [child.pid for child in psutil.Process().children(recursive=True)]
+
     def shutdown(self) -> None:
         self._engine.shutdown()
 

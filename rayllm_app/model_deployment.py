@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,14 +22,19 @@ class ModelServer:
     """A replica: fetch the weights, start the engine, answer OpenAI requests as bytes."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        self.timings: dict[str, float] = {"constructor_start": time.time()}
         from rayllm_app.engine import VLLMEngine
         from rayllm_app.model_source import resolve_model_path
         from rayllm_app.serving import ModelServing
 
         self.config = parse_model_config(config, f"model '{config.get('engine_config', {}).get('model_id')}'")
-        model_path = resolve_model_path(self.config)
+        self.timings["imports_done"] = time.time()
+        model_path = resolve_model_path(self.config, _current_placement_group())
+        self.timings["weights_ready"] = time.time()
         self.engine = VLLMEngine.start(self.config, model_path)
         self.serving = ModelServing(self.config, self.engine)
+        self.timings["engine_ready"] = time.time()
+        logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)
 
     async def chat(self, request: ChatCompletionRequest) -> bytes | ErrorReply:
         return await self.serving.chat(request)
@@ -47,6 +53,11 @@ class ModelServer:
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests()
 
+    def replica_info(self) -> dict[str, Any]:
+        """Where this replica runs and how long its start took (diagnostics, benchmarks)."""
+        return {**replica_placement(), "timings": {**self.timings, "process_start": _process_start_time()},
+                "engine_pids": self.engine.child_pids()}
+
     async def check_health(self) -> None:
         """Ray Serve calls this periodically: a dead engine makes the replica unhealthy."""
         await self.engine.check_health()
@@ -55,6 +66,56 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _current_placement_group() -> Any | None:
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group()
+
+
+def _process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def replica_placement() -> dict[str, Any]:
+    """The replica's process, node, placement group and the accelerators Ray gave it."""
+    import os
+
+    import ray
+
+    context = ray.get_runtime_context()
+    group = _current_placement_group()
+    return {
+        "pid": os.getpid(),
+        "node_id": context.get_node_id(),
+        "placement_group_id": group.id.hex() if group else None,
+        "bundle_specs": group.bundle_specs if group else None,
+        "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+        "env": {k: v for k, v in os.environ.items() if k.startswith("RAYLLM_")},
+    }
+
+
+def replica_runtime_env(config: ModelConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """The model's runtime_env over the actor options' one, plus propagated secrets.
+
+    Env vars reach the replica process and, through it, the engine's child processes.
+    """
+    import os
+
+    engine = config.engine_config
+    env_vars = {**(base.get("env_vars") or {}), **(engine.runtime_env.get("env_vars") or {})}
+    for name in engine.propagate_env:
+        if name in os.environ:
+            env_vars[name] = os.environ[name]
+        else:
+            logger.warning("Model %s: %s is not set here; not propagated", config.model_id, name)
+    merged = {**base, **engine.runtime_env}
+    if env_vars:
+        merged["env_vars"] = env_vars
+    return merged
 
 
 def deployment_name(model_id: str) -> str:
@@ -71,9 +132,7 @@ def placement_bundles(config: ModelConfig) -> tuple[list[dict[str, float]], dict
     scaling = config.scaling_config
     actor_options = dict(config.deployment_config.ray_actor_options)
     actor_options.setdefault("num_cpus", 1)
-    runtime_env = dict(config.engine_config.runtime_env)
-    if actor_options.get("runtime_env"):
-        runtime_env = {**actor_options["runtime_env"], **runtime_env}
+    runtime_env = replica_runtime_env(config, actor_options.get("runtime_env") or {})
     if runtime_env:
         actor_options["runtime_env"] = runtime_env
     replica_bundle: dict[str, float] = {"CPU": float(actor_options["num_cpus"])}
@@ -92,10 +151,10 @@ def placement_bundles(config: ModelConfig) -> tuple[list[dict[str, float]], dict
     return [replica_bundle] + [dict(worker) for _ in range(scaling.num_workers)], actor_options
 
 
-def build_model_deployment(config: ModelConfig) -> Application:
+def build_model_deployment(config: ModelConfig, server_cls: type = ModelServer) -> Application:
     deployment = config.deployment_config
     bundles, actor_options = placement_bundles(config)
-    return serve.deployment(ModelServer).options(
+    return serve.deployment(server_cls).options(
         name=deployment_name(config.model_id),
         autoscaling_config=deployment.autoscaling_config.to_serve(),
         max_ongoing_requests=deployment.max_ongoing_requests,
@@ -107,4 +166,5 @@ def build_model_deployment(config: ModelConfig) -> Application:
         health_check_timeout_s=deployment.health_check_timeout_s,
         graceful_shutdown_timeout_s=deployment.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=deployment.graceful_shutdown_wait_loop_s,
+        max_constructor_retry_count=deployment.max_constructor_retry_count,
     ).bind(config.model_dump(mode="json"))

@@ -48,9 +48,9 @@ def render_prompt_format(fmt: PromptFormat, messages: list[ChatMessage]) -> str:
         content = clean(message["content"])
         if message["role"] == "user":
             if fmt.system_in_user:
-                rendered_system = (
-                    fmt.system.format(instruction=clean(pending_system)) if pending_system else ""
-                )
+                show_system = pending_system is not None and (
+                    bool(pending_system) or fmt.add_system_tags_even_if_message_is_empty)
+                rendered_system = fmt.system.format(instruction=clean(pending_system)) if show_system else ""
                 parts.append(fmt.user.format(instruction=content, system=rendered_system))
                 pending_system = None
             else:

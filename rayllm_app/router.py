@@ -7,6 +7,7 @@ straight through to the client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from rayllm_app.errors import (
     OverloadedError,
     error_body,
 )
+from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -128,19 +130,52 @@ def _reply(result: bytes | ErrorReply) -> Response:
 )
 @serve.ingress(app)
 class Router:
-    def __init__(self, handles: list[DeploymentHandle], cards: list[dict[str, Any]]) -> None:
+    async def __init__(self, handles: list[DeploymentHandle], cards: list[dict[str, Any]],
+                       specs: list[dict[str, Any]]) -> None:
         self.cards = [ModelCard.model_validate(card) for card in cards]
         self.handles = {card.id: handle for card, handle in zip(self.cards, handles)}
+        self.status = ModelStatusTracker(serve.get_replica_context().app_name,
+                                         [ModelSpec(**spec) for spec in specs])
+        self.status.start()
 
     def _handle(self, model: str) -> DeploymentHandle:
         handle = self.handles.get(model)
         if handle is None:
             raise ModelNotFoundError(model, list(self.handles))
+        state = self.status.state(model)
+        if state.state == FAILED:
+            raise ModelUnavailableError(f"Model '{model}' is unavailable: {state.message}", retry_after_s=30)
         return handle
 
+    async def _through_cold_start(self, model: str, pending: Any) -> Any:
+        """Await a handle call; if the model has no running replica, bound the wait for one.
+
+        The call goes out at once (so a scaled-to-zero model scales up); only the wait for
+        a replica is bounded, never the generation itself.
+        """
+        state = self.status.state(model)
+        if state.state == READY:
+            return await pending
+        spec = self.status.specs[model]
+        task = asyncio.ensure_future(pending)
+        ready = asyncio.ensure_future(state.ready.wait())
+        try:
+            done, _ = await asyncio.wait({task, ready}, timeout=spec.cold_start_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if task in done or ready in done:
+            return await task
+        task.cancel()
+        reason = state.message or "its replica is still starting"
+        raise ModelUnavailableError(
+            f"Model '{model}' did not become ready within {spec.cold_start_timeout_s:g} s ({reason}). "
+            "Retry shortly.", retry_after_s=10)
+
     @app.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(self.handles)}
+    async def health(self) -> JSONResponse:
+        """Router liveness plus each model's state; never wakes a model."""
+        return JSONResponse(self.status.health())
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
@@ -165,13 +200,13 @@ class Router:
         handle = self._handle(body.model)
         if not body.stream:
             try:
-                result = await getattr(handle, method).remote(body)
+                result = await self._through_cold_start(body.model, getattr(handle, method).remote(body))
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
                 return error_response(_translate_serve_error(error, body.model))
             return _reply(result)
         stream = getattr(handle.options(stream=True), f"{method}_stream").remote(body)
         try:
-            first = await stream.__anext__()
+            first = await self._through_cold_start(body.model, stream.__anext__())
         except StopAsyncIteration:
             return error_response(EngineError(f"Model '{body.model}' ended the stream without output."))
         except Exception as error:  # noqa: BLE001

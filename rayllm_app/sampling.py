@@ -47,14 +47,14 @@ def merged_stop(request_stop: list[str] | None, defaults: dict[str, Any],
 
 
 def output_budget(requested: int | None, default: int | None, prompt_tokens: int,
-                  context_length: int) -> int:
+                  context_length: int, prompt_param: str = "messages") -> int:
     """The max_tokens to give the engine, or a clear 400 when the request cannot fit."""
     room = context_length - prompt_tokens
     if room <= 0:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {context_length} tokens, but the prompt has "
             f"{prompt_tokens} tokens. Shorten the prompt.",
-            param="messages",
+            param=prompt_param,
         )
     if requested is not None:
         if requested > room:
@@ -96,8 +96,9 @@ def build_sampling_kwargs(
     default_budget = defaults.get("max_tokens")
     if default_budget is None and isinstance(request, CompletionRequest):
         default_budget = 16
-    kwargs["max_tokens"] = output_budget(request.output_limit(), default_budget, prompt_tokens,
-                                         context_length)
+    kwargs["max_tokens"] = output_budget(
+        request.output_limit(), default_budget, prompt_tokens, context_length,
+        prompt_param="prompt" if isinstance(request, CompletionRequest) else "messages")
     if request.logit_bias:
         kwargs["logit_bias"] = {int(token): bias for token, bias in request.logit_bias.items()}
     if isinstance(request, ChatCompletionRequest):

@@ -280,11 +280,13 @@ class ModelServing:
                 "created": int(time.time()), "model": self.model_id, "system_fingerprint": None}
         top_n = request.top_logprobs or 0
 
+        usage_key = {"usage": None} if request.stream_options and request.stream_options.include_usage else {}
+
         def opening() -> bytes:
             return sse({**head, "choices": [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(request.n)
-            ]})
+            ], **usage_key})
 
         def render(delta: ChoiceDelta, index: int, state: ChoiceState) -> dict[str, Any] | None:
             if not (delta.text or delta.finish_reason or delta.logprobs):

@@ -59,6 +59,10 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # writes on its own but a logit bias can force.
 FORCED_TOKEN = "Ġjumps"
 FORCED_STOP = " jumps jumps"
+TINY_ZERO = "tiny-zero"      # scales to zero after 4 idle seconds
+BROKEN = "broken-model"      # its weights folder is empty: never starts
+SECRET_ENV = "RAYLLM_TEST_SECRET"
+SECRET_VALUE = "s3cr3t-value-6d1f"
 
 
 @dataclass
@@ -73,26 +77,13 @@ class ServedApp:
         return OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=120, **kwargs)
 
 
-def _wait_until_running(app_name: str, timeout_s: float) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app_name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"application {app_name} failed: {status}")
-        time.sleep(1)
-    raise TimeoutError(f"application {app_name} not running after {timeout_s}s: {status}")
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    # Logical GPUs and an accelerator label let worker-group tests place GPU-shaped groups.
+    ray.init(num_cpus=16, num_gpus=4, resources={"accelerator_type:A10G": 4},
+             include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield
     from ray import serve
@@ -122,11 +113,47 @@ def served_app(ray_cluster, tiny_model_path: Path) -> ServedApp:
             "stopping_sequences": [FORCED_STOP],
         },
     )
-    models = [tiny_a, tiny_b, str(ROOT / "models" / "smollm2-135m-instruct.yaml")]
-    serve.run(build_app({"models": models}), name="rayllm", route_prefix="/", blocking=False)
-    _wait_until_running("rayllm", timeout_s=600)
+    tiny_zero = tiny_model_config(
+        TINY_ZERO, tiny_model_path,
+        runtime_env={"env_vars": {"RAYLLM_MARKER": "zero"}}, propagate_env=[SECRET_ENV],
+    )
+    tiny_zero["deployment_config"].update(
+        autoscaling_config={"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1,
+                            "downscale_delay_s": 4, "downscale_to_zero_delay_s": 4,
+                            "upscale_delay_s": 0, "metrics_interval_s": 1, "look_back_period_s": 2},
+        health_check_period_s=2, health_check_timeout_s=10, cold_start_timeout_s=180,
+    )
+    empty_folder = tiny_model_path.parent / "not-a-model"
+    empty_folder.mkdir(exist_ok=True)
+    broken = tiny_model_config(BROKEN, empty_folder)
+    broken["deployment_config"]["max_constructor_retry_count"] = 1
+    os.environ[SECRET_ENV] = SECRET_VALUE
+    models = [tiny_a, tiny_b, str(ROOT / "models" / "smollm2-135m-instruct.yaml"), tiny_zero, broken]
+    from ray.serve.api import _run
+
+    _run(build_app({"models": models}), name="rayllm", route_prefix="/", _blocking=False)
     root = f"http://127.0.0.1:{port}"
+    wait_for_models(root, {TINY_A: "ready", TINY_B: "ready", DEFAULT_MODEL: "ready", BROKEN: "failed"},
+                    timeout_s=600)
     return ServedApp(base_url=f"{root}/v1", root_url=root, models=[TINY_A, TINY_B, DEFAULT_MODEL])
+
+
+def wait_for_models(root_url: str, wanted: dict[str, str], timeout_s: float) -> dict:
+    """Poll the router's /health until each named model is in the wanted state."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    health: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{root_url}/health", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            health = {}
+        models = health.get("models", {})
+        if all(models.get(m, {}).get("status") == state for m, state in wanted.items()):
+            return health
+        time.sleep(1)
+    raise TimeoutError(f"models not in states {wanted} after {timeout_s}s: {health}")
 
 
 @dataclass

@@ -16,18 +16,12 @@ pytestmark = pytest.mark.e2e
 def test_list_models_from_config(served_app):
     client = served_app.client()
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {TINY_A, TINY_B, DEFAULT_MODEL}
+    assert {TINY_A, TINY_B, DEFAULT_MODEL} <= set(models)
     card = client.models.retrieve(TINY_A)
     assert card.id == TINY_A and card.object == "model"
     raw = httpx.get(f"{served_app.base_url}/models/{DEFAULT_MODEL}").json()
     assert raw["max_model_len"] == 2048
     assert "SmolLM2" in raw["metadata"]["description"]
-
-
-def test_health(served_app):
-    response = httpx.get(f"{served_app.root_url}/health")
-    assert response.status_code == 200
-    assert response.json()["status"] == "ok"
 
 
 def test_completion_honours_max_tokens_and_usage(served_app):
