@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 from s3_server import FAKE_CREDENTIALS, MotoS3Server  # noqa: E402
 
 AWSCLI_VENV = ROOT / ".bench-venvs" / "awscli"
@@ -186,6 +186,12 @@ def write_report(results: list[Result], total: int, args: argparse.Namespace) ->
     by_name = {r.name: r for r in results}
     mirror, aws = by_name.get("rayllm s3 mirror"), by_name.get("aws s3 sync (awscli, defaults)")
     ratio = f"**{aws.wall_s / mirror.wall_s:.1f}x** `aws s3 sync` (wall time)" if mirror and aws else "n/a"
+    from rayllm_app import s3_transfer
+    from rayllm_app.s3_config import S3MirrorConfig
+
+    settings = (f"max_concurrency {S3MirrorConfig(bucket_uri='s3://x-y/z/').max_concurrency} (default), "
+                f"{s3_transfer.CHUNK_BYTES >> 20} MiB reads, halves of at least "
+                f"{s3_transfer.MIN_SPLIT_BYTES >> 20} MiB; overrides: `{args.mirror_config}`")
     report = f"""# S3 mirror download benchmark, {today}
 
 Same data, same local moto S3 server (`moto.server` subprocess on 127.0.0.1), empty
@@ -203,7 +209,7 @@ Peak RSS is the child process's own high-water mark (`os.wait4` ru_maxrss).
 | --- | ---: | ---: | ---: | ---: | --- |
 {rows}
 
-Result: the mirror is {ratio}. Mirror settings: defaults plus `{args.mirror_config}`.
+Result: the mirror is {ratio}. Mirror settings: {settings}.
 Reference ({REFERENCE}).
 
 Note on moto: it reads the whole object for every ranged GET, so many small parts cost the

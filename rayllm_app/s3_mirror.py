@@ -180,10 +180,13 @@ def _link_from_older_snapshots(plan: _Plan, missing: list[RemoteFile]) -> list[R
     known: dict[tuple[str, int], Path] = {}
     snapshots = plan.repo / "snapshots"
     for manifest in (plan.repo / ".rayllm").glob("*.json"):
-        if manifest != plan.manifest:
-            for entry in json.loads(manifest.read_text()).get("files", []):
-                if snapshots in Path(entry["path"]).parents:  # not extra files kept elsewhere
-                    known[(entry["etag"], entry["size"])] = Path(entry["path"])
+        try:
+            entries = json.loads(manifest.read_text())["files"] if manifest != plan.manifest else []
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged manifest only costs a download
+        for entry in entries:
+            if snapshots in Path(entry["path"]).parents:  # not extra files kept elsewhere
+                known[(entry["etag"], entry["size"])] = Path(entry["path"])
     still_missing = []
     for f in missing:
         source = known.get((f.etag, f.size))

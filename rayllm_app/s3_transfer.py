@@ -394,17 +394,21 @@ class Transfer:
             try:
                 response = self.s3.raw.get_object(
                     Bucket=f.bucket, Key=f.key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{f.etag}"')
-                self._check(f, response)
+                self._check(f, start, response)
                 self._stream(rng, response["Body"])
             except Exception as exc:  # noqa: BLE001
                 if rng.pos > start:
                     clock.reset()  # bytes flowed: this is a new failure, not a continued outage
                 clock.wait_or_raise(exc)
 
-    def _check(self, f: RemoteFile, response: dict[str, Any]) -> None:
-        total = str(response.get("ContentRange", "")).rpartition("/")[2]
-        if total.isdigit() and int(total) != f.size:
-            raise S3MirrorError("changed", f"{f.uri} is now {total} bytes, listed as {f.size}; retry to "
+    def _check(self, f: RemoteFile, start: int, response: dict[str, Any]) -> None:
+        """The body must be the bytes we asked for, of the object version we listed."""
+        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", str(response.get("ContentRange", "")))
+        if match is None and start != 0 or match is not None and int(match[1]) != start:
+            raise S3MirrorError("no_ranges", f"{f.uri}: the server did not honour the byte range {start}-; "
+                                "this server ignores Range requests, so set max_concurrency: 1 (one stream per file)")
+        if match is not None and match[2].isdigit() and int(match[2]) != f.size:
+            raise S3MirrorError("changed", f"{f.uri} is now {match[2]} bytes, listed as {f.size}; retry to "
                                 "mirror the new version")
         if str(response.get("ServerSideEncryption", "")).startswith("aws:kms") or response.get("SSECustomerAlgorithm"):
             f.md5_comparable = False
