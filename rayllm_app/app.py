@@ -12,15 +12,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from ray.serve.deployment import Application
 
-from rayllm_app.config import ConfigError, ModelConfig, load_model_configs
+from rayllm_app.config import ConfigError, ModelConfig, format_validation_error, load_model_configs
 from rayllm_app.model_deployment import build_model_deployment, deployment_name, placement_bundles
 from rayllm_app.model_source import local_context_length
 from rayllm_app.router import Router
+from rayllm_app.settings import RouterSettings
 
 
 def model_card(config: ModelConfig, created: int) -> dict[str, Any]:
@@ -54,14 +58,26 @@ def model_spec(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None = None) -> Application:
+def router_deployment(settings: RouterSettings):
+    """The router, with the variables it reads (e.g. API keys) copied into its environment."""
+    env_vars = {name: os.environ[name] for name in settings.propagate_env if name in os.environ}
+    options: dict[str, Any] = {"num_cpus": 0}
+    if env_vars:
+        options["runtime_env"] = {"env_vars": env_vars}
+    return Router.options(ray_actor_options=options)
+
+
+def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None = None,
+                           settings: RouterSettings | None = None) -> Application:
     if not configs:
         raise ConfigError("No enabled models to serve: pass at least one model config.")
+    settings = settings or RouterSettings()
     created = int(time.time())
     extra = {"server_cls": server_cls} if server_cls is not None else {}
     handles = [build_model_deployment(config, **extra) for config in configs]
     cards = [model_card(config, created) for config in configs]
-    return Router.bind(handles, cards, [model_spec(config) for config in configs])
+    return router_deployment(settings).bind(handles, cards, [model_spec(config) for config in configs],
+                                            settings.model_dump())
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -71,4 +87,8 @@ def build_app(args: dict[str, Any]) -> Application:
         models = [models]
     if not models:
         raise ConfigError("build_app needs args.models: a list of model YAML paths, folders or mappings.")
-    return build_app_from_configs(load_model_configs(list(models)))
+    try:
+        settings = RouterSettings.model_validate(args.get("router") or {})
+    except ValidationError as error:
+        raise ConfigError(format_validation_error("args.router", error)) from None
+    return build_app_from_configs(load_model_configs(list(models)), settings=settings)

@@ -35,6 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from rayllm_app.app import build_app_from_configs
     from rayllm_app.config import ConfigError, load_model_configs
+    from rayllm_app.settings import RouterSettings
 
     try:
         configs = load_model_configs(args.model)
@@ -46,10 +47,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
+    settings = RouterSettings(
+        api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
+        cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
+        max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics)
     try:
-        serve.run(build_app_from_configs(configs), name=args.name, route_prefix="/", blocking=False)
+        serve.run(build_app_from_configs(configs, settings=settings), name=args.name, route_prefix="/",
+                  blocking=False)
     except RuntimeError as error:  # one model failing must not stop the others
         print(f"Warning: not every model started; the others are serving (see /health).\n{error}",
               file=sys.stderr)
@@ -118,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default="rayllm", help="Ray Serve application name")
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=False,
                      help="set HF_HUB_OFFLINE=1 for the engines")
+    run.add_argument("--api-keys-file", type=Path, default=None,
+                     help="YAML with API keys (also read: $RAYLLM_API_KEYS); without keys auth is off")
+    run.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable)")
+    run.add_argument("--request-timeout", type=float, default=None, help="seconds; timed-out requests get 504")
+    run.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
+    run.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check model YAMLs against the schema (no Ray needed)")

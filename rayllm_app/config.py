@@ -161,6 +161,8 @@ class GenerationConfig(StrictModel):
     prompt_format: PromptFormat | None = None
     stopping_sequences: list[str] = Field(default_factory=list)
     generate_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_n: int = Field(16, ge=1, le=128, description="Largest `n` a request may ask for.")
+    max_logprobs: int = Field(20, ge=0, le=20, description="Largest logprobs / top_logprobs.")
 
     @field_validator("generate_kwargs")
     @classmethod

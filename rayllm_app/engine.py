@@ -45,7 +45,11 @@ def build_engine_kwargs(config: ModelConfig, model_path: str) -> dict[str, Any]:
         kwargs["max_model_len"] = engine.max_total_tokens
     kwargs.setdefault("enable_log_requests", False)
     if config.scaling_config.num_workers > 1:
-        kwargs.setdefault("distributed_executor_backend", "ray")
+        # GPUs: vLLM's Ray executor places its workers in the replica's placement group.
+        # CPUs: vLLM-CPU rejects Ray ("current platform cpu does not support ray"), so its
+        # workers are local processes inside the STRICT_PACK group's node.
+        backend = "ray" if config.scaling_config.num_gpus_per_worker else "mp"
+        kwargs.setdefault("distributed_executor_backend", backend)
     return kwargs
 
 
@@ -85,8 +89,12 @@ class VLLMEngine:
             args = AsyncEngineArgs(**kwargs)
         except TypeError as error:
             raise ValueError(f"engine_config.engine_kwargs: {error}") from None
+        from rayllm_app.metrics import engine_stat_logger_factory
+
         logger.info("Starting vLLM for %s from %s", config.model_id, model_path)
-        return cls(AsyncLLM.from_engine_args(args), config.model_id)
+        # Our stat logger feeds the rayllm_ engine metrics; vLLM keeps its default loggers.
+        stat_loggers = [engine_stat_logger_factory(config.model_id)]
+        return cls(AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers), config.model_id)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

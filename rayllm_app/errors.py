@@ -61,8 +61,10 @@ class ModelNotFoundError(OpenAIError):
 
 
 class OverloadedError(OpenAIError):
-    status_code = 503
-    error_type = "server_overloaded"
+    """The model's replicas and queue are full: back off and retry (429, like OpenAI's rate limits)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
     default_code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
@@ -76,6 +78,16 @@ class ModelUnavailableError(OpenAIError):
 
     def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class RequestTimeoutError(OpenAIError):
+    status_code = 504
+    error_type = "timeout"
+    default_code = "request_timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"The request did not finish within {timeout_s:g} s and was cancelled; "
+                         "ask for fewer tokens or raise the router's request_timeout_s.")
 
 
 class EngineError(OpenAIError):

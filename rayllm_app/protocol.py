@@ -86,6 +86,21 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # vLLM's legacy structured-output spellings, translated to structured outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> SamplingFields:
+        chosen = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                  if getattr(self, name) is not None]
+        if getattr(self, "response_format", None) is not None and self.response_format.type != "text":
+            chosen.append("response_format")
+        if len(chosen) > 1:
+            raise ValueError(f"use only one of {', '.join(chosen)}")
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -15,11 +15,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rayllm_app.auth import ApiKey, KeyStore
 from rayllm_app.errors import (
     EngineError,
     ErrorReply,
@@ -28,8 +30,10 @@ from rayllm_app.errors import (
     ModelUnavailableError,
     OpenAIError,
     OverloadedError,
+    RequestTimeoutError,
     error_body,
 )
+from rayllm_app.middleware import BodySizeLimitMiddleware, RequestIdMiddleware, set_request_model
 from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.protocol import (
     ChatCompletionRequest,
@@ -40,12 +44,13 @@ from rayllm_app.protocol import (
     ModelCard,
     ModelList,
 )
+from rayllm_app.settings import RouterSettings
 
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)
 }
 
 app = FastAPI(
@@ -115,6 +120,24 @@ def _translate_serve_error(error: BaseException, model: str) -> OpenAIError:
     return EngineError(f"Model '{model}' failed on this request: {type(error).__name__}: {error}")
 
 
+def _sse_error(error: OpenAIError) -> bytes:
+    return b"data: " + json.dumps(error.to_dict()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
+    """Request ids and access logs, body limits, and CORS when origins are configured."""
+    if getattr(target.state, "rayllm_middleware", False):
+        return
+    target.state.rayllm_middleware = True
+    target.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.cors_allow_origins:
+        target.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
+    target.add_middleware(RequestIdMiddleware)
+
+
 def _reply(result: bytes | ErrorReply) -> Response:
     if isinstance(result, ErrorReply):
         return Response(result.body, status_code=result.status_code, headers=result.headers,
@@ -131,17 +154,25 @@ def _reply(result: bytes | ErrorReply) -> Response:
 @serve.ingress(app)
 class Router:
     async def __init__(self, handles: list[DeploymentHandle], cards: list[dict[str, Any]],
-                       specs: list[dict[str, Any]]) -> None:
+                       specs: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
+        self.settings = RouterSettings.model_validate(settings or {})
+        self.keys = KeyStore.from_settings(self.settings)
+        install_middleware(app, self.settings)
         self.cards = [ModelCard.model_validate(card) for card in cards]
         self.handles = {card.id: handle for card, handle in zip(self.cards, handles)}
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
         self.status.start()
 
-    def _handle(self, model: str) -> DeploymentHandle:
+    def _caller(self, request: Request) -> ApiKey | None:
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    def _handle(self, model: str, caller: ApiKey | None) -> DeploymentHandle:
+        self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
+        set_request_model(model)
         handle = self.handles.get(model)
         if handle is None:
-            raise ModelNotFoundError(model, list(self.handles))
+            raise ModelNotFoundError(model, [m for m in self.handles if caller is None or caller.allows(m)])
         state = self.status.state(model)
         if state.state == FAILED:
             raise ModelUnavailableError(f"Model '{model}' is unavailable: {state.message}", retry_after_s=30)
@@ -177,36 +208,71 @@ class Router:
         """Router liveness plus each model's state; never wakes a model."""
         return JSONResponse(self.status.health())
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self) -> ModelList:
-        return ModelList(data=self.cards)
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models(self, request: Request) -> ModelList:
+        caller = self._caller(request)
+        return ModelList(data=[c for c in self.cards if caller is None or caller.allows(c.id)])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
-    async def get_model(self, model_id: str) -> ModelCard:
+    async def get_model(self, model_id: str, request: Request) -> ModelCard:
+        caller = self._caller(request)
+        self.keys.authorize(caller, model_id)
         for card in self.cards:
             if card.id == model_id:
                 return card
-        raise ModelNotFoundError(model_id, list(self.handles))
+        raise ModelNotFoundError(model_id, [m for m in self.handles if caller is None or caller.allows(m)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        return await self._dispatch(body, "chat")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._dispatch(body, "chat", self._caller(request), self._timeout(request))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
-    async def completions(self, body: CompletionRequest) -> Response:
-        return await self._dispatch(body, "completion")
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._dispatch(body, "completion", self._caller(request), self._timeout(request))
 
-    async def _dispatch(self, body: ChatCompletionRequest | CompletionRequest, method: str) -> Response:
-        handle = self._handle(body.model)
+    def _timeout(self, request: Request) -> float | None:
+        """The router's request_timeout_s, lowered per request by an `X-Request-Timeout: <s>` header."""
+        limit = self.settings.request_timeout_s
+        raw = request.headers.get("x-request-timeout")
+        if raw is None:
+            return limit
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = -1.0
+        if not 0 < asked < 1e6:
+            raise InvalidRequestError("X-Request-Timeout must be a positive number of seconds.",
+                                      param="X-Request-Timeout")
+        return min(asked, limit) if limit else asked
+
+    async def _dispatch(self, body: ChatCompletionRequest | CompletionRequest, method: str,
+                        caller: ApiKey | None, timeout: float | None) -> Response:
+        handle = self._handle(body.model, caller)
         if not body.stream:
+            response = getattr(handle, method).remote(body)
+            call = self._through_cold_start(body.model, response)
             try:
-                result = await self._through_cold_start(body.model, getattr(handle, method).remote(body))
+                result = await (asyncio.wait_for(call, timeout) if timeout else call)
+            except asyncio.TimeoutError:
+                response.cancel()  # aborts the engine request
+                return error_response(RequestTimeoutError(timeout or 0))
+            except asyncio.CancelledError:  # the client went away
+                response.cancel()
+                raise
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
                 return error_response(_translate_serve_error(error, body.model))
             return _reply(result)
         stream = getattr(handle.options(stream=True), f"{method}_stream").remote(body)
+        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
         try:
-            first = await self._through_cold_start(body.model, stream.__anext__())
+            first_item = self._through_cold_start(body.model, stream.__anext__())
+            first = await (asyncio.wait_for(first_item, timeout) if timeout else first_item)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            return error_response(RequestTimeoutError(timeout or 0))
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
         except StopAsyncIteration:
             return error_response(EngineError(f"Model '{body.model}' ended the stream without output."))
         except Exception as error:  # noqa: BLE001
@@ -215,17 +281,28 @@ class Router:
         if isinstance(first, ErrorReply):
             stream.cancel()
             return _reply(first)
-        return StreamingResponse(self._relay(first, stream, body.model), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(self._relay(first, stream, body.model, deadline, timeout),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def _relay(self, first: bytes, stream: Any, model: str) -> AsyncIterator[bytes]:
+    async def _relay(self, first: bytes, stream: Any, model: str, deadline: float | None,
+                     timeout: float | None) -> AsyncIterator[bytes]:
         """Pass the replica's SSE frames through; a failure mid-stream becomes an error event."""
+        loop = asyncio.get_running_loop()
         try:
             yield first
-            async for chunk in stream:
-                yield chunk
+            if deadline is None:
+                async for chunk in stream:
+                    yield chunk
+            else:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0))
+                    except StopAsyncIteration:
+                        break
+                    yield chunk
+        except asyncio.TimeoutError:
+            yield _sse_error(RequestTimeoutError(timeout or 0))
         except Exception as error:  # noqa: BLE001
-            payload = _translate_serve_error(error, model).to_dict()
-            yield b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+            yield _sse_error(_translate_serve_error(error, model))
         finally:
             stream.cancel()

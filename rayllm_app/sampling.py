@@ -7,11 +7,12 @@ unit-testable on its own.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rayllm_app.config import GenerationConfig
 from rayllm_app.errors import ContextLengthExceededError, InvalidRequestError
-from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest
 
 # Request fields that map one-to-one onto SamplingParams.
 PASSTHROUGH_KEYS = (
@@ -68,7 +69,23 @@ def output_budget(requested: int | None, default: int | None, prompt_tokens: int
     return min(default, room) if default is not None else room
 
 
-def structured_outputs(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+def structured_outputs(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | None:
+    """response_format, or vLLM's legacy guided_* parameters, as structured-output options."""
+    if request.guided_json is not None:
+        schema = request.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                raise InvalidRequestError("guided_json must be a JSON schema object.", param="guided_json") from None
+        return {"json": schema}
+    if request.guided_regex is not None:
+        return {"regex": request.guided_regex}
+    if request.guided_choice is not None:
+        return {"choice": request.guided_choice}
+    if request.guided_grammar is not None:
+        return {"grammar": request.guided_grammar}
+    response_format = request.response_format
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
@@ -106,10 +123,15 @@ def build_sampling_kwargs(
             kwargs["logprobs"] = request.top_logprobs or 0
     elif request.logprobs is not None:
         kwargs["logprobs"] = request.logprobs
-    if request.response_format is not None:
-        structured = structured_outputs(request.response_format)
-        if structured is not None:
-            kwargs["structured_outputs"] = structured
+    structured = structured_outputs(request)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
+    limits = generation
+    if request.n > limits.max_n:
+        raise InvalidRequestError(f"n must be at most {limits.max_n} for this model.", param="n")
+    if (kwargs.get("logprobs") or 0) > limits.max_logprobs:
+        raise InvalidRequestError(f"At most {limits.max_logprobs} logprobs per token are allowed for this model.",
+                                  param="top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs")
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise InvalidRequestError("suffix is not supported by this server.", param="suffix",

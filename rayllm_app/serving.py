@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from rayllm_app.config import ModelConfig
 from rayllm_app.engine import ChoiceDelta, TokenLogprob
 from rayllm_app.errors import ErrorReply, InvalidRequestError, OpenAIError
+from rayllm_app.metrics import ModelMetrics, RequestTimer, record_request, record_stream
 from rayllm_app.prompt_format import render_chat
 from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest
 from rayllm_app.sampling import build_sampling_kwargs
@@ -137,6 +138,7 @@ class ModelServing:
         self.engine = engine
         self.model_id = config.model_id
         self.generation = config.engine_config.generation
+        self.metrics = ModelMetrics(self.model_id)
 
     # ------------------------------------------------------------ preparation
 
@@ -173,9 +175,11 @@ class ModelServing:
 
     # ------------------------------------------------------------ non-streaming
 
-    async def _collect(self, prepared: list[Prepared], request_id: str, n: int) -> list[ChoiceState]:
+    async def _collect(self, prepared: list[Prepared], request_id: str, n: int,
+                       timer: RequestTimer) -> list[ChoiceState]:
         states = [ChoiceState() for _ in range(len(prepared) * n)]
         async for position, deltas in self._streams(prepared, request_id):
+            timer.chunk(position, deltas)
             for delta in deltas:
                 state = states[position * n + delta.index]
                 state.text.append(delta.text)
@@ -185,11 +189,12 @@ class ModelServing:
                     state.logprobs.extend(delta.logprobs)
         return states
 
-    async def chat(self, request: ChatCompletionRequest) -> bytes | ErrorReply:
+    @record_request
+    async def chat(self, request: ChatCompletionRequest, timer: RequestTimer) -> bytes | ErrorReply:
         try:
             prepared = self.prepare_chat(request)
             request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            states = await self._collect(prepared, request_id, request.n)
+            states = await self._collect(prepared, request_id, request.n, timer)
         except OpenAIError as error:
             return error.to_wire()
         top_n = request.top_logprobs or 0
@@ -208,11 +213,12 @@ class ModelServing:
             "usage": usage(len(prepared[0].prompt_ids), sum(s.tokens for s in states)),
         })
 
-    async def completion(self, request: CompletionRequest) -> bytes | ErrorReply:
+    @record_request
+    async def completion(self, request: CompletionRequest, timer: RequestTimer) -> bytes | ErrorReply:
         try:
             prepared = self.prepare_completion(request)
             request_id = f"cmpl-{uuid.uuid4().hex}"
-            states = await self._collect(prepared, request_id, request.n)
+            states = await self._collect(prepared, request_id, request.n, timer)
         except OpenAIError as error:
             return error.to_wire()
         choices = []
@@ -233,7 +239,7 @@ class ModelServing:
 
     async def _stream(self, request: ChatCompletionRequest | CompletionRequest, prepared: list[Prepared],
                       head: dict[str, Any], render: Callable[[ChoiceDelta, int, ChoiceState], dict[str, Any] | None],
-                      opening: Callable[[], bytes]) -> AsyncIterator[bytes | ErrorReply]:
+                      opening: Callable[[], bytes], timer: RequestTimer) -> AsyncIterator[bytes | ErrorReply]:
         """Frame engine deltas as SSE; hold the opening frame until the first delta so a
         failure before any output still gets a proper HTTP status."""
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -241,6 +247,7 @@ class ModelServing:
         started = False
         try:
             async for position, deltas in self._streams(prepared, head["id"]):
+                timer.chunk(position, deltas)
                 choices = []
                 for delta in deltas:
                     index = position * request.n + delta.index
@@ -260,6 +267,7 @@ class ModelServing:
             if not started:
                 yield error.to_wire()
                 return
+            timer.status = error.status_code  # counted as failed though the client saw a 200
             yield sse(error.to_dict()) + DONE
             return
         if not started and (frame := opening()):
@@ -270,7 +278,9 @@ class ModelServing:
         else:
             yield DONE
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[bytes | ErrorReply]:
+    @record_stream
+    async def chat_stream(self, request: ChatCompletionRequest,
+                          timer: RequestTimer) -> AsyncIterator[bytes | ErrorReply]:
         try:
             prepared = self.prepare_chat(request)
         except OpenAIError as error:
@@ -295,10 +305,12 @@ class ModelServing:
                     "logprobs": chat_logprobs(delta.logprobs, top_n) if delta.logprobs else None,
                     "finish_reason": delta.finish_reason}
 
-        async for item in self._stream(request, prepared, head, render, opening):
+        async for item in self._stream(request, prepared, head, render, opening, timer):
             yield item
 
-    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[bytes | ErrorReply]:
+    @record_stream
+    async def completion_stream(self, request: CompletionRequest,
+                                timer: RequestTimer) -> AsyncIterator[bytes | ErrorReply]:
         try:
             prepared = self.prepare_completion(request)
         except OpenAIError as error:
@@ -322,5 +334,5 @@ class ModelServing:
                 state.text_offset += sum(len(item.token) for item in delta.logprobs)
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
-        async for item in self._stream(request, prepared, head, render, lambda: b""):
+        async for item in self._stream(request, prepared, head, render, lambda: b"", timer):
             yield item

@@ -61,6 +61,10 @@ FORCED_TOKEN = "Ġjumps"
 FORCED_STOP = " jumps jumps"
 TINY_ZERO = "tiny-zero"      # scales to zero after 4 idle seconds
 BROKEN = "broken-model"      # its weights folder is empty: never starts
+TINY_TP = "tiny-tp2"          # tensor parallel over a worker group of 2 CPU workers
+TINY_S3 = "tiny-s3"           # loaded from a real S3 API (moto server) through the mirror
+API_KEY = "sk-test-all-models"
+LIMITED_KEY = "sk-test-only-tiny-chat"
 SECRET_ENV = "RAYLLM_TEST_SECRET"
 SECRET_VALUE = "s3cr3t-value-6d1f"
 
@@ -70,11 +74,17 @@ class ServedApp:
     base_url: str  # ends in /v1
     root_url: str
     models: list[str]
+    api_key: str = API_KEY
 
-    def client(self, **kwargs):
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def client(self, api_key: str | None = None, **kwargs):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=120, **kwargs)
+        return OpenAI(base_url=self.base_url, api_key=api_key or self.api_key, max_retries=0, timeout=120,
+                      **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +92,8 @@ def ray_cluster():
     import ray
 
     # Logical GPUs and an accelerator label let worker-group tests place GPU-shaped groups.
-    ray.init(num_cpus=16, num_gpus=4, resources={"accelerator_type:A10G": 4},
+    # address="local": always a fresh cluster of our own, never one another process started.
+    ray.init(address="local", num_cpus=16, num_gpus=4, resources={"accelerator_type:A10G": 4},
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield
@@ -93,7 +104,20 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_cluster, tiny_model_path: Path) -> ServedApp:
+def s3_model_bucket(tiny_model_path: Path):
+    """The tiny model in a bucket of a real S3 API server (moto) on 127.0.0.1."""
+    from tests.s3_server import FAKE_CREDENTIALS, MotoS3Server
+
+    server = MotoS3Server().start()
+    server.upload_folder(tiny_model_path, "models", "tiny-llama/")
+    for name, value in FAKE_CREDENTIALS.items():
+        os.environ[name.upper()] = value
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_cluster, tiny_model_path: Path, s3_model_bucket) -> ServedApp:
     """Two tiny models (chat template; RayLLM prompt format) plus the SmolLM2 default."""
     from ray import serve
 
@@ -113,6 +137,8 @@ def served_app(ray_cluster, tiny_model_path: Path) -> ServedApp:
             "stopping_sequences": [FORCED_STOP],
         },
     )
+    # Small limits so the overload test can fill them: 2 running + 2 queued, then 429.
+    tiny_b["deployment_config"].update(max_ongoing_requests=2, max_queued_requests=2)
     tiny_zero = tiny_model_config(
         TINY_ZERO, tiny_model_path,
         runtime_env={"env_vars": {"RAYLLM_MARKER": "zero"}}, propagate_env=[SECRET_ENV],
@@ -128,13 +154,24 @@ def served_app(ray_cluster, tiny_model_path: Path) -> ServedApp:
     broken = tiny_model_config(BROKEN, empty_folder)
     broken["deployment_config"]["max_constructor_retry_count"] = 1
     os.environ[SECRET_ENV] = SECRET_VALUE
-    models = [tiny_a, tiny_b, str(ROOT / "models" / "smollm2-135m-instruct.yaml"), tiny_zero, broken]
+    tiny_tp = tiny_model_config(
+        TINY_TP, tiny_model_path, runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}})
+    tiny_tp["engine_config"]["engine_kwargs"]["tensor_parallel_size"] = 2
+    tiny_tp["scaling_config"]["num_workers"] = 2
+    tiny_s3 = tiny_model_config(
+        TINY_S3, Path("unused"), hf_model_id="example-org/tiny-llama",
+        s3_mirror_config={"bucket_uri": "s3://models/tiny-llama/", "endpoint_url": s3_model_bucket.url,
+                          "region": "us-east-1"},
+        propagate_env=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+    os.environ["RAYLLM_API_KEYS"] = f"{API_KEY},{LIMITED_KEY}:{TINY_A}"
+    models = [tiny_a, tiny_b, str(ROOT / "models" / "smollm2-135m-instruct.yaml"), tiny_zero, broken,
+              tiny_tp, tiny_s3]
     from ray.serve.api import _run
 
     _run(build_app({"models": models}), name="rayllm", route_prefix="/", _blocking=False)
     root = f"http://127.0.0.1:{port}"
-    wait_for_models(root, {TINY_A: "ready", TINY_B: "ready", DEFAULT_MODEL: "ready", BROKEN: "failed"},
-                    timeout_s=600)
+    wait_for_models(root, {TINY_A: "ready", TINY_B: "ready", DEFAULT_MODEL: "ready", BROKEN: "failed",
+                           TINY_TP: "ready", TINY_S3: "ready"}, timeout_s=900)
     return ServedApp(base_url=f"{root}/v1", root_url=root, models=[TINY_A, TINY_B, DEFAULT_MODEL])
 
 

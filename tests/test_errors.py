@@ -32,7 +32,7 @@ ENVELOPE_KEYS = {"message", "type", "param", "code"}
         (UnsupportedParameterError("bad"), 400, "invalid_request_error", "unsupported_parameter"),
         (ContextLengthExceededError("long"), 400, "invalid_request_error", "context_length_exceeded"),
         (ModelNotFoundError("x", ["a"]), 404, "invalid_request_error", "model_not_found"),
-        (OverloadedError("busy"), 503, "server_overloaded", "overloaded"),
+        (OverloadedError("busy"), 429, "rate_limit_error", "overloaded"),
         (ModelUnavailableError("down"), 503, "service_unavailable", "model_unavailable"),
         (EngineError("boom"), 500, "internal_error", "engine_error"),
         (OpenAIError("generic"), 500, "internal_error", None),
@@ -59,9 +59,9 @@ def test_explicit_code_and_param_override_defaults():
 def test_to_wire_carries_status_body_and_headers():
     reply = OverloadedError("busy", retry_after_s=7).to_wire()
     assert isinstance(reply, ErrorReply)
-    assert reply.status_code == 503
+    assert reply.status_code == 429
     assert reply.headers == {"Retry-After": "7"}
-    assert json.loads(reply.body) == {"error": {"message": "busy", "type": "server_overloaded", "param": None,
+    assert json.loads(reply.body) == {"error": {"message": "busy", "type": "rate_limit_error", "param": None,
                                                 "code": "overloaded"}}
 
 

@@ -93,7 +93,7 @@ def test_unsatisfiable_worker_group_fails_with_reason(served_app):
         assert "No node is large enough" in health["models"]["needs-8-gpus"]["message"]
         assert health["status"] == "degraded"
         started = time.monotonic()
-        response = httpx.post(f"{root}/v1/chat/completions", timeout=30, json={
+        response = httpx.post(headers=served_app.headers, url=f"{root}/v1/chat/completions", timeout=30, json={
             "model": "needs-h100", "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 503 and time.monotonic() - started < 5
         assert "accelerator_type:H100" in response.json()["error"]["message"]
@@ -108,7 +108,7 @@ def test_cold_start_timeout_gives_503_with_retry_after(served_app):
     _deploy([gpu_model("forever-pending", 1, accelerator="H100", pg_timeout_s=3600)], "pending", blocking=False)
     try:
         started = time.monotonic()
-        response = httpx.post(f"{served_app.root_url}/pending/v1/completions", timeout=30,
+        response = httpx.post(headers=served_app.headers, url=f"{served_app.root_url}/pending/v1/completions", timeout=30,
                               json={"model": "forever-pending", "prompt": "hi"})
         elapsed = time.monotonic() - started
         assert response.status_code == 503, response.text
@@ -127,7 +127,7 @@ def test_broken_model_does_not_take_down_the_others(served_app):
     assert health["models"][TINY_A]["status"] == "ready"
     listed = {m.id for m in served_app.client().models.list().data}
     assert {BROKEN, TINY_A} <= listed
-    response = httpx.post(f"{served_app.base_url}/chat/completions", timeout=30, json={
+    response = httpx.post(headers=served_app.headers, url=f"{served_app.base_url}/chat/completions", timeout=30, json={
         "model": BROKEN, "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 503
     assert health["models"][BROKEN]["message"] in response.json()["error"]["message"]
@@ -206,3 +206,39 @@ def test_dead_engine_is_detected_and_replaced(served_app):
     assert replaced is not None, "the replica with a dead engine was not replaced"
     result = served_app.client().completions.create(model=TINY_ZERO, prompt="hi", max_tokens=2)
     assert result.choices[0].text is not None
+
+
+def test_tensor_parallel_engine_across_two_cpu_workers(served_app):
+    """tiny-tp2: a worker group of 2 CPU workers, vLLM tensor parallel 2 (local worker processes)."""
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from rayllm_app.model_deployment import deployment_name
+    from tests.conftest import TINY_TP
+
+    info = serve.get_deployment_handle(deployment_name(TINY_TP), app_name="rayllm").replica_info.remote().result(
+        timeout_s=120)
+    assert info["bundle_specs"] == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert placement_group_table()[info["placement_group_id"]]["strategy"] == "STRICT_PACK"
+    assert len(info["engine_pids"]) >= 3  # engine core + one worker per rank
+    result = served_app.client().completions.create(model=TINY_TP, prompt="the quick", max_tokens=8,
+                                                    temperature=0, extra_body={"ignore_eos": True})
+    assert result.usage.completion_tokens == 8
+
+
+def test_model_served_from_s3_mirror(served_app, s3_model_bucket):
+    """tiny-s3 was downloaded from a real S3 API (moto) by the mirror before its engine started."""
+    from rayllm_app.config import parse_model_config
+    from rayllm_app.s3_mirror import mirror_model_with_stats
+    from tests.conftest import TINY_S3
+
+    chat = served_app.client().chat.completions.create(
+        model=TINY_S3, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 4
+    mirror = parse_model_config({"engine_config": {
+        "model_id": TINY_S3, "hf_model_id": "example-org/tiny-llama",
+        "s3_mirror_config": {"bucket_uri": "s3://models/tiny-llama/", "endpoint_url": s3_model_bucket.url,
+                             "region": "us-east-1"}}}).engine_config.s3_mirror_config
+    again = mirror_model_with_stats(mirror, "example-org/tiny-llama")  # same node, same cache
+    assert again.downloaded_files == 0 and again.downloaded_bytes == 0
+    assert (again.path / "config.json").is_file() and "models--example-org--tiny-llama" in str(again.path)

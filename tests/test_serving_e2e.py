@@ -19,7 +19,7 @@ def test_list_models_from_config(served_app):
     assert {TINY_A, TINY_B, DEFAULT_MODEL} <= set(models)
     card = client.models.retrieve(TINY_A)
     assert card.id == TINY_A and card.object == "model"
-    raw = httpx.get(f"{served_app.base_url}/models/{DEFAULT_MODEL}").json()
+    raw = httpx.get(f"{served_app.base_url}/models/{DEFAULT_MODEL}", headers=served_app.headers).json()
     assert raw["max_model_len"] == 2048
     assert "SmolLM2" in raw["metadata"]["description"]
 
@@ -64,7 +64,7 @@ def test_streamed_chat_chunks_and_usage(served_app):
 
 
 def test_stream_ends_with_done(served_app):
-    with httpx.stream("POST", f"{served_app.base_url}/completions", json={
+    with httpx.stream("POST", headers=served_app.headers, url=f"{served_app.base_url}/completions", json={
         "model": TINY_A, "prompt": "a", "max_tokens": 4, "stream": True, "ignore_eos": True,
     }, timeout=60) as response:
         assert response.status_code == 200
@@ -185,7 +185,7 @@ def test_unknown_model_is_404(served_app):
     ({"model": TINY_A, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
 ])
 def test_bad_parameters_are_400(served_app, body, param):
-    response = httpx.post(f"{served_app.base_url}/chat/completions", json=body, timeout=30)
+    response = httpx.post(headers=served_app.headers, url=f"{served_app.base_url}/chat/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -195,7 +195,7 @@ def test_bad_parameters_are_400(served_app, body, param):
 
 def test_malformed_json_is_400(served_app):
     response = httpx.post(f"{served_app.base_url}/chat/completions", content=b"{not json",
-                          headers={"content-type": "application/json"}, timeout=30)
+                          headers={**served_app.headers, "content-type": "application/json"}, timeout=30)
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]
 

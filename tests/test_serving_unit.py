@@ -233,7 +233,7 @@ def test_engine_error_non_streaming_is_an_error_reply(make):
     serving, _ = make(lambda ids, s: [OverloadedError("slow down", retry_after_s=3)])
     reply = run(serving.chat(chat_request()))
     assert isinstance(reply, ErrorReply)
-    assert reply.status_code == 503 and reply.headers == {"Retry-After": "3"}
+    assert reply.status_code == 429 and reply.headers == {"Retry-After": "3"}
     assert json.loads(reply.body)["error"]["message"] == "slow down"
 
 
@@ -324,9 +324,9 @@ def test_error_before_first_delta_is_only_an_error_reply(make):
     assert len(items) == 1
     reply = items[0]
     assert isinstance(reply, ErrorReply)
-    assert reply.status_code == 503
+    assert reply.status_code == 429
     assert reply.headers["Retry-After"] == "1"
-    assert json.loads(reply.body)["error"]["type"] == "server_overloaded"
+    assert json.loads(reply.body)["error"]["type"] == "rate_limit_error"
 
 
 def test_error_in_preparation_of_a_stream_is_an_error_reply(make):

@@ -1,0 +1,27 @@
+"""Router settings: authentication sources, CORS, request limits and timeouts.
+
+Given as ``args.router`` in a Ray Serve config (or by ``rayllm run`` flags). Keys never
+appear here: only where to read them (an environment variable or a file).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RouterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys_env: str = Field(
+        "RAYLLM_API_KEYS",
+        description="Environment variable with keys: 'KEY' or 'KEY:model-a|model-b' entries, comma-separated.")
+    api_keys_file: str | None = Field(
+        None, description="YAML file: {keys: [{key: ..., name: ..., models: [...]}]} (models optional).")
+    protect_metrics: bool = Field(False, description="Require an API key for GET /metrics.")
+    cors_allow_origins: list[str] = Field(default_factory=list, description="Empty: no CORS (closed).")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Whole-request limit; a timed-out request is aborted in the engine (504).")
+    propagate_env: list[str] = Field(
+        default_factory=lambda: ["RAYLLM_API_KEYS"],
+        description="Variables copied from the building environment into the router's replicas.")
