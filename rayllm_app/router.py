@@ -33,6 +33,7 @@ from rayllm_app.errors import (
     RequestTimeoutError,
     error_body,
 )
+from rayllm_app.metrics import collect_prometheus_text, record_router_request
 from rayllm_app.middleware import BodySizeLimitMiddleware, RequestIdMiddleware, set_request_model
 from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.protocol import (
@@ -60,7 +61,9 @@ app = FastAPI(
 )
 
 
-def error_response(error: OpenAIError) -> JSONResponse:
+def error_response(error: OpenAIError, model: str | None = None) -> JSONResponse:
+    """An error the router itself answers (the replicas count their own)."""
+    record_router_request(model, error.status_code)
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 
@@ -208,6 +211,13 @@ class Router:
         """Router liveness plus each model's state; never wakes a model."""
         return JSONResponse(self.status.health())
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self, request: Request) -> Response:
+        """Every node's rayllm_* metrics in Prometheus text (also scrapeable from Ray directly)."""
+        if self.settings.protect_metrics:
+            self._caller(request)
+        return Response(await collect_prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models(self, request: Request) -> ModelList:
         caller = self._caller(request)
@@ -255,12 +265,12 @@ class Router:
                 result = await (asyncio.wait_for(call, timeout) if timeout else call)
             except asyncio.TimeoutError:
                 response.cancel()  # aborts the engine request
-                return error_response(RequestTimeoutError(timeout or 0))
+                return error_response(RequestTimeoutError(timeout or 0), body.model)
             except asyncio.CancelledError:  # the client went away
                 response.cancel()
                 raise
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
-                return error_response(_translate_serve_error(error, body.model))
+                return error_response(_translate_serve_error(error, body.model), body.model)
             return _reply(result)
         stream = getattr(handle.options(stream=True), f"{method}_stream").remote(body)
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
@@ -269,15 +279,15 @@ class Router:
             first = await (asyncio.wait_for(first_item, timeout) if timeout else first_item)
         except asyncio.TimeoutError:
             stream.cancel()
-            return error_response(RequestTimeoutError(timeout or 0))
+            return error_response(RequestTimeoutError(timeout or 0), body.model)
         except asyncio.CancelledError:
             stream.cancel()
             raise
         except StopAsyncIteration:
-            return error_response(EngineError(f"Model '{body.model}' ended the stream without output."))
+            return error_response(EngineError(f"Model '{body.model}' ended the stream without output."), body.model)
         except Exception as error:  # noqa: BLE001
             stream.cancel()
-            return error_response(_translate_serve_error(error, body.model))
+            return error_response(_translate_serve_error(error, body.model), body.model)
         if isinstance(first, ErrorReply):
             stream.cancel()
             return _reply(first)
