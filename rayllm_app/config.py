@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -322,17 +323,21 @@ def parse_model_config(data: Any, source: str = "<inline>") -> ModelConfig:
         raise ConfigError(format_validation_error(source, error)) from None
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
+def read_model_file(path: str | Path) -> Any:
+    """The YAML mapping in a model file, or a ConfigError naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read model config ({error.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_model_config(data, str(path))
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    return parse_model_config(read_model_file(path), str(path))
 
 
 def expand_model_paths(paths: list[str | Path]) -> list[Path]:
@@ -347,30 +352,46 @@ def expand_model_paths(paths: list[str | Path]) -> list[Path]:
     return result
 
 
-def load_model_configs(sources: list[str | Path | dict[str, Any]]) -> list[ModelConfig]:
-    """Load files, folders and inline mappings; skip disabled models; reject duplicate ids."""
-    configs: list[tuple[str, ModelConfig]] = []
+@dataclass(frozen=True)
+class ModelEntry:
+    """One enabled model: where it came from, its mapping as written, and the validated config."""
+
+    source: str
+    data: dict[str, Any]
+    config: ModelConfig
+
+
+def load_model_entries(sources: list[str | Path | dict[str, Any]]) -> list[ModelEntry]:
+    """Load files, folders and inline mappings; skip disabled models; reject duplicate ids.
+
+    Every problem in every file is collected, so one run reports them all.
+    """
+    entries: list[ModelEntry] = []
     errors: list[str] = []
+    seen: dict[str, str] = {}
     for source in sources:
-        if isinstance(source, dict):
-            items = [("<inline>", source)]
-        else:
-            items = [(str(p), p) for p in expand_model_paths([source])]
+        items = [("<inline>", source)] if isinstance(source, dict) else [
+            (str(p), p) for p in expand_model_paths([source])]
         for name, item in items:
             try:
-                config = parse_model_config(item, name) if isinstance(item, dict) else load_model_config(item)
+                data = item if isinstance(item, dict) else read_model_file(item)
+                config = parse_model_config(data, name)
             except ConfigError as error:
                 errors.append(str(error))
                 continue
             if not config.enabled:
                 logger.info("Skipping %s: enabled is false", name)
                 continue
-            configs.append((name, config))
-    seen: dict[str, str] = {}
-    for name, config in configs:
-        if config.model_id in seen:
-            errors.append(f"{name}: engine_config.model_id '{config.model_id}' is also used by {seen[config.model_id]}")
-        seen.setdefault(config.model_id, name)
+            if config.model_id in seen:
+                errors.append(f"{name}: engine_config.model_id '{config.model_id}' is also used by "
+                              f"{seen[config.model_id]}")
+                continue
+            seen[config.model_id] = name
+            entries.append(ModelEntry(name, data, config))
     if errors:
         raise ConfigError("\n".join(errors))
-    return [config for _, config in configs]
+    return entries
+
+
+def load_model_configs(sources: list[str | Path | dict[str, Any]]) -> list[ModelConfig]:
+    return [entry.config for entry in load_model_entries(sources)]

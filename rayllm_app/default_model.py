@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from rayllm_app.atomic_folder import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ def prepare_default_model(target: Path | None = None) -> Path:
     logger.info("Converting %s into %s (one time)", gguf_path, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    try:
+    with staged_folder(target, prefix=f".{FOLDER_NAME}-") as staging:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32"
@@ -78,12 +76,6 @@ def prepare_default_model(target: Path | None = None) -> Path:
         _drop_gguf_quantizer(model)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

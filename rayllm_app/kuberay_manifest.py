@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from rayllm_app.config import ConfigError, ModelConfig, expand_model_paths, parse_model_config
+from rayllm_app.config import ConfigError, ModelConfig, load_model_entries
 from rayllm_app.kuberay_groups import (
     GPU_RESOURCE,
     IMPORT_PATH,
@@ -91,38 +91,7 @@ class RenderOptions:
 
 def load_model_sources(sources: list[str | Path | dict[str, Any]]) -> list[tuple[str, dict[str, Any], ModelConfig]]:
     """(source name, raw mapping, validated config) of every enabled model; duplicates are errors."""
-    items: list[tuple[str, Any]] = []
-    for source in sources:
-        if isinstance(source, dict):
-            items.append(("<inline>", source))
-            continue
-        for path in expand_model_paths([source]):
-            try:
-                data = yaml.safe_load(Path(path).read_text())
-            except OSError as error:
-                raise ConfigError(f"{path}: cannot read model config ({error.strerror})") from None
-            except yaml.YAMLError as error:
-                raise ConfigError(f"{path}: not valid YAML: {error}") from None
-            items.append((str(path), data))
-    loaded: list[tuple[str, dict[str, Any], ModelConfig]] = []
-    errors: list[str] = []
-    seen: dict[str, str] = {}
-    for name, data in items:
-        try:
-            config = parse_model_config(data, name)
-        except ConfigError as error:
-            errors.append(str(error))
-            continue
-        if not config.enabled:
-            logger.info("Skipping %s: enabled is false", name)
-            continue
-        if config.model_id in seen:
-            errors.append(f"{name}: engine_config.model_id '{config.model_id}' is also used by {seen[config.model_id]}")
-            continue
-        seen[config.model_id] = name
-        loaded.append((name, data, config))
-    if errors:
-        raise ConfigError("\n".join(errors))
+    loaded = [(entry.source, entry.data, entry.config) for entry in load_model_entries(sources)]
     if not loaded:
         raise ConfigError("No enabled models: pass at least one model config with enabled: true.")
     return loaded

@@ -8,10 +8,9 @@ runs for real in a few seconds on a CPU. Its output is random text, by design.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from rayllm_app.atomic_folder import staged_folder
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -67,9 +66,7 @@ def build_tiny_llama(target: Path, *, seed: int = 0, max_position_embeddings: in
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
-    try:
+    with staged_folder(target, prefix=".tiny-llama-") as staging:
         _train_tokenizer(staging, vocab_size=512)
         vocab_size = len(json.loads((staging / "tokenizer.json").read_text())["model"]["vocab"]) + 3
         torch.manual_seed(seed)
@@ -88,14 +85,7 @@ def build_tiny_llama(target: Path, *, seed: int = 0, max_position_embeddings: in
             tie_word_embeddings=False,
             dtype="float32",
         )
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(staging, safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        LlamaForCausalLM(config).save_pretrained(staging, safe_serialization=True)
     return target
 
 

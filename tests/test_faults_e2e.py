@@ -121,10 +121,16 @@ def _rss_mb(pids: list[int]) -> float:
 
 
 def _router_pid() -> int:
-    from ray.util.state import list_actors
+    """The router replica: a descendant of this process (ray.init started the local cluster)."""
+    import psutil
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return next(a.pid for a in actors if a.class_name.endswith("rayllm:router"))
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "ServeReplica:rayllm:router" in " ".join(process.cmdline()):
+                return process.pid
+        except psutil.Error:
+            continue
+    raise AssertionError("router replica process not found")
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ from rayllm_app.engine import ChoiceDelta
 from rayllm_app.metrics import (
     EngineStats,
     ModelMetrics,
-    RequestTimer,
     collect_prometheus_text,
     engine_stat_logger_factory,
     filter_exposition,
