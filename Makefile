@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.rayllm-setup-$(shell cat pyproject.toml Makefile | cksum | cu
 MODEL  ?= models/smollm2-135m-instruct.yaml
 PORT   ?= 8000
 
-.PHONY: setup run test test-fast default-model clean
+.PHONY: setup run test test-fast default-model clean browser
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not e2e and not slow"
+
+# Debian's Chromium, driven by Playwright in tests/test_playground.py (no Playwright browser
+# download). Needs root; without it the browser test skips.
+browser:
+	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -35,6 +35,7 @@ from rayllm_app.errors import (
 )
 from rayllm_app.metrics import collect_prometheus_text, record_router_request
 from rayllm_app.middleware import BodySizeLimitMiddleware, RequestIdMiddleware, set_request_model
+from rayllm_app.playground import mount_playground
 from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.protocol import (
     ChatCompletionRequest,
@@ -59,6 +60,7 @@ app = FastAPI(
     description="OpenAI-compatible multi-model LLM serving on Ray Serve and vLLM.",
     version="0.1.0",
 )
+mount_playground(app)  # GET / and /playground: compare models side by side in the browser
 
 
 def error_response(error: OpenAIError, model: str | None = None) -> JSONResponse:
