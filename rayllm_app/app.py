@@ -17,11 +17,19 @@ import time
 from typing import Any
 
 from pydantic import ValidationError
-
 from ray.serve.deployment import Application
 
-from rayllm_app.config import ConfigError, ModelConfig, format_validation_error, load_model_configs
-from rayllm_app.model_deployment import build_model_deployment, deployment_name, placement_bundles
+from rayllm_app.config import (
+    ConfigError,
+    ModelConfig,
+    format_validation_error,
+    load_model_configs,
+)
+from rayllm_app.model_deployment import (
+    build_model_deployment,
+    deployment_name,
+    placement_bundles,
+)
 from rayllm_app.model_source import local_context_length
 from rayllm_app.router import Router
 from rayllm_app.settings import RouterSettings

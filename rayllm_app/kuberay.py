@@ -35,7 +35,13 @@ from rayllm_app.kuberay_groups import (
     parse_quantity,
     parse_resources_param,
 )
-from rayllm_app.kuberay_manifest import ACCELERATOR_LABELS, RenderError, RenderOptions, ray_version, render_rayservice
+from rayllm_app.kuberay_manifest import (
+    ACCELERATOR_LABELS,
+    RenderError,
+    RenderOptions,
+    ray_version,
+    render_rayservice,
+)
 
 __all__ = [
     "ACCELERATOR_LABELS",

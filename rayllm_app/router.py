@@ -34,9 +34,13 @@ from rayllm_app.errors import (
     error_body,
 )
 from rayllm_app.metrics import collect_prometheus_text, record_router_request
-from rayllm_app.middleware import BodySizeLimitMiddleware, RequestIdMiddleware, set_request_model
-from rayllm_app.playground import mount_playground
+from rayllm_app.middleware import (
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    set_request_model,
+)
 from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
+from rayllm_app.playground import mount_playground
 from rayllm_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,

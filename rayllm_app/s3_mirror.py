@@ -34,7 +34,13 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from rayllm_app.s3_config import S3MirrorConfig
-from rayllm_app.s3_transfer import Progress, RemoteFile, S3Client, S3MirrorError, Transfer
+from rayllm_app.s3_transfer import (
+    Progress,
+    RemoteFile,
+    S3Client,
+    S3MirrorError,
+    Transfer,
+)
 
 __all__ = ["MirrorStats", "S3MirrorError", "default_cache_dir", "mirror_model", "mirror_model_with_stats",
            "mirror_on_placement_group_nodes"]
