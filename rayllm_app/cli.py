@@ -44,11 +44,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    proxy_port = args.port
+    if args.fast_path and not args.address:
+        proxy_port = _enable_fast_path(args.host, args.port)
     if args.address:
         ray.init(address=args.address)
     else:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": proxy_port})
     settings = RouterSettings(
         api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
         cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
@@ -71,6 +74,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _enable_fast_path(host: str, port: int) -> int:
+    """Ray Serve's throughput-optimized mode, with the router itself listening on ``port``.
+
+    Direct ingress removes the HTTP proxy hop (client -> router replica -> model replica),
+    handle calls use gRPC, and user code shares the replica's event loop. Measured on the
+    2-core CPU machine with the tiny model at concurrency 16: 824 -> 1,699 output tokens/s.
+    Ray reads these variables when it starts, so they are set before ``ray.init``; the
+    proxy Ray still runs on the head node moves to a free port.
+    """
+    import socket
+
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 100)
+    os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", host)
+    with socket.socket() as sock:
+        sock.bind((host if host != "0.0.0.0" else "127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _client(args: argparse.Namespace):
@@ -122,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=max(8, os.cpu_count() or 1),
                      help="logical CPUs for a new local Ray (default: max(8, cores))")
     run.add_argument("--name", default="rayllm", help="Ray Serve application name")
+    run.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                     help="Ray Serve's throughput-optimized direct ingress (new local Ray only)")
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=False,
                      help="set HF_HUB_OFFLINE=1 for the engines")
     run.add_argument("--api-keys-file", type=Path, default=None,

