@@ -197,9 +197,10 @@ def wait_for_models(root_url: str, wanted: dict[str, str], timeout_s: float) -> 
 class OpenAIServer:
     base_url: str
     model: str
+    api_key: str | None = None
 
 
 @pytest.fixture(scope="session")
 def openai_server(served_app: ServedApp) -> OpenAIServer:
     """Any OpenAI-compatible server with a tiny model (used by the bench smoke test)."""
-    return OpenAIServer(base_url=served_app.base_url, model=TINY_A)
+    return OpenAIServer(base_url=served_app.base_url, model=TINY_A, api_key=served_app.api_key)

@@ -417,6 +417,7 @@ def test_loop_is_bounded_by_max_duration():
 def test_smoke_against_real_server(openai_server):
     """~8 requests at concurrency 2: streaming chat, then non-streaming completions."""
     common = dict(base_url=openai_server.base_url, model=openai_server.model, concurrency=2,
+                  api_key=getattr(openai_server, "api_key", None),
                   num_requests=8, input_len=32, output_len=16, ignore_eos=True, warmup_requests=1,
                   max_duration=120, request_timeout=120)
     chat = asyncio.run(run_benchmark(BenchConfig(endpoint="chat", stream=True, **common)))

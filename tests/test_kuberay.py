@@ -437,7 +437,8 @@ class LocalRayCluster:
         # RAY_AUTH_MODE=disabled: like a fresh pod, whose home has no ~/.ray/auth_token (Ray turns
         # token auth on by itself when it finds one, as it may on this shared machine).
         # Nothing from a Ray session this test process may have (RAY_ADDRESS, RAY_AUTH_MODE...).
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # Not RAY_* (this cluster is its own) nor RAYLLM_API_KEYS (the e2e session's keys).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "RAYLLM_API_KEYS"}
         self.env = {**inherited, **env, "RAYLLM_KUBERAY_E2E_MARKER": self.marker,
                     "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         self.procs: list[subprocess.Popen] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -242,3 +243,33 @@ def test_model_served_from_s3_mirror(served_app, s3_model_bucket):
     again = mirror_model_with_stats(mirror, "example-org/tiny-llama")  # same node, same cache
     assert again.downloaded_files == 0 and again.downloaded_bytes == 0
     assert (again.path / "config.json").is_file() and "models--example-org--tiny-llama" in str(again.path)
+
+
+def test_deleting_an_app_drains_in_flight_streams(served_app, tiny_model_path):
+    """Removing (or redeploying) a model waits for in-flight streams: graceful_shutdown_timeout_s."""
+    from ray import serve
+    from ray.serve.api import _run
+
+    from rayllm_app.app import build_app
+    from tests.conftest import tiny_model_config, wait_for_models
+
+    config = tiny_model_config("tiny-drain", tiny_model_path)
+    config["deployment_config"].update(graceful_shutdown_timeout_s=60, graceful_shutdown_wait_loop_s=0.5)
+    _run(build_app({"models": [config]}), name="drain", route_prefix="/drain", _blocking=False)
+    wait_for_models(f"{served_app.root_url}/drain", {"tiny-drain": "ready"}, timeout_s=300)
+    body = {"model": "tiny-drain", "prompt": "x", "max_tokens": 480, "n": 4, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{served_app.root_url}/drain/v1/completions", json=body,
+                      headers=served_app.headers, timeout=120) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        serve.delete("drain", _blocking=False)  # shut the app down while the stream is running
+        rest = [line for line in lines if line]
+    assert json.loads(first[6:])["choices"]
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    final = json.loads(rest[-2][6:])
+    assert final["usage"]["completion_tokens"] == 4 * 480  # nothing was cut
+    deadline = time.monotonic() + 60
+    while "drain" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "drain" not in serve.status().applications

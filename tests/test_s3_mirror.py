@@ -418,22 +418,36 @@ def test_two_processes_on_one_node_download_once(server, bucket, tmp_path):
     assert sha256(Path(results[0]["path"]) / "model.safetensors") == hashlib.sha256(big).hexdigest()
 
 
-def test_mirror_on_placement_group_nodes_runs_on_the_bundle_node(server, bucket, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from rayllm_app.s3_mirror import mirror_on_placement_group_nodes
-
+def test_mirror_on_placement_group_nodes_runs_on_the_bundle_node(server, bucket, tmp_path):
+    """Runs in a child process with a Ray cluster of its own (the e2e session may hold one here)."""
+    pytest.importorskip("ray")
     put(server, bucket, {"llama/config.json": b"{}", "llama/model.safetensors": b"w" * 1000, "docs/README.md": b"x"})
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        group = placement_group([{"CPU": 1}])
-        path = mirror_on_placement_group_nodes(config_for(server, bucket), MODEL_ID, group, tmp_path / "cache")
-        assert (path / "model.safetensors").read_bytes() == b"w" * 1000
-        with pytest.raises(S3MirrorError, match="on node .*no config.json") as info:
-            mirror_on_placement_group_nodes(config_for(server, bucket, "docs/"), MODEL_ID, group, tmp_path)
-        assert info.value.reason == "no_config"
-        remove_placement_group(group)
-    finally:
-        ray.shutdown()
+    script = f"""
+import sys
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from rayllm_app.s3_config import S3MirrorConfig
+from rayllm_app.s3_mirror import S3MirrorError, mirror_on_placement_group_nodes
+
+def config(prefix):
+    return S3MirrorConfig(bucket_uri="s3://{bucket}/" + prefix, endpoint_url="{server.url}", retry_timeout_s=2)
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+group = placement_group([{{"CPU": 1}}])
+path = mirror_on_placement_group_nodes(config("llama/"), "{MODEL_ID}", group, r"{tmp_path / 'cache'}")
+assert (path / "model.safetensors").read_bytes() == b"w" * 1000
+try:
+    mirror_on_placement_group_nodes(config("docs/"), "{MODEL_ID}", group, r"{tmp_path}")
+    sys.exit("expected an S3MirrorError")
+except S3MirrorError as error:
+    assert error.reason == "no_config" and "on node" in str(error) and "no config.json" in str(error), error
+remove_placement_group(group)
+ray.shutdown()
+print("OK")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+               AWS_ACCESS_KEY_ID=FAKE_CREDENTIALS["aws_access_key_id"],
+               AWS_SECRET_ACCESS_KEY=FAKE_CREDENTIALS["aws_secret_access_key"])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
