@@ -9,7 +9,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -346,34 +345,7 @@ def test_record_router_request(monkeypatch):
 
 # ------------------------------------------------------------------ serving hooks (fake engine)
 
-
-class ScriptedEngine:
-    """serving.Engine with the tiny tokenizer; generate() plays a script of deltas/errors."""
-
-    context_length = 256
-
-    def __init__(self, tokenizer: Any, script: list[Any]) -> None:
-        self.tokenizer, self.script = tokenizer, script
-
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
-
-    async def generate(self, prompt_token_ids, sampling, request_id):
-        for item in self.script:
-            await asyncio.sleep(0)
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model_path))
+from tests.test_serving_unit import FakeEngine, tokenizer  # noqa: E402,F401 - shared fake and fixture
 
 
 @pytest.fixture
@@ -384,7 +356,7 @@ def serve_with(tokenizer):
     config = parse_model_config({"engine_config": {"model_id": "fake-model"}})
 
     def factory(script: list[Any]) -> tuple[Any, FakeRegistry]:
-        serving = ModelServing(config, ScriptedEngine(tokenizer, script))
+        serving = ModelServing(config, FakeEngine(tokenizer, lambda ids, sampling: script))
         registry = FakeRegistry()
         serving.metrics = ModelMetrics("fake-model", metric=registry)
         return serving, registry
