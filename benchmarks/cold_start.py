@@ -102,11 +102,12 @@ def measure(config: dict, port: int) -> dict:
             "model": model_id, "stream": True, "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
+        lines = response.iter_lines()
+        for line in lines:
             if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
                 first_token = time.time()
                 break
-        for _ in response.iter_lines():
+        for _ in lines:  # read the rest of the stream
             pass
     handle = serve.get_deployment_handle(deployment_name(model_id), app_name=app_name)
     marks = handle.replica_info.remote().result(timeout_s=60)["timings"]
