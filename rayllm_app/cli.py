@@ -46,6 +46,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     proxy_port = args.port
     if args.fast_path and not args.address:
+        if not _port_is_free(args.host, args.port):
+            print(f"Port {args.port} on {args.host} is in use (another server, or a rayllm still shutting "
+                  "down); stop it or pick another with --port.", file=sys.stderr)
+            return 2
         proxy_port = _enable_fast_path(args.host, args.port)
     if args.address:
         ray.init(address=args.address)
@@ -55,7 +59,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = RouterSettings(
         api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
         cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
-        max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics)
+        max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
+        stream_channel=args.stream_channel)
     try:
         serve.run(build_app_from_configs(configs, settings=settings), name=args.name, route_prefix="/",
                   blocking=False)
@@ -74,6 +79,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _enable_fast_path(host: str, port: int) -> int:
@@ -148,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default="rayllm", help="Ray Serve application name")
     run.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
                      help="Ray Serve's throughput-optimized direct ingress (new local Ray only)")
+    run.add_argument("--stream-channel", action=argparse.BooleanOptionalAction, default=True,
+                     help="replicas stream to the router over a direct TCP channel (else one Ray message "
+                     "per chunk)")
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=False,
                      help="set HF_HUB_OFFLINE=1 for the engines")
     run.add_argument("--api-keys-file", type=Path, default=None,

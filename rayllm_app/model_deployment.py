@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -14,6 +15,7 @@ from ray.serve.deployment import Application
 from rayllm_app.config import ModelConfig, parse_model_config
 from rayllm_app.errors import ErrorReply
 from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest
+from rayllm_app.stream_channel import ChannelRequest, ReplicaChannelServer, Ticket
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class ModelServer:
         self.timings["weights_ready"] = time.time()
         self.engine = VLLMEngine.start(self.config, model_path)
         self.serving = ModelServing(self.config, self.engine)
+        self._channel: asyncio.Future[ReplicaChannelServer] | None = None
         self.timings["engine_ready"] = time.time()
         logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)
 
@@ -42,21 +45,53 @@ class ModelServer:
     async def completion(self, request: CompletionRequest) -> bytes | ErrorReply:
         return await self.serving.completion(request)
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[bytes | ErrorReply]:
-        async for item in self.serving.chat_stream(request):
+    async def chat_stream(self, request: ChatCompletionRequest, channel: ChannelRequest | None = None
+                          ) -> AsyncIterator[bytes | ErrorReply | Ticket]:
+        async for item in self._deliver(self.serving.chat_stream(request), channel):
             yield item
 
-    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[bytes | ErrorReply]:
-        async for item in self.serving.completion_stream(request):
+    async def completion_stream(self, request: CompletionRequest, channel: ChannelRequest | None = None
+                                ) -> AsyncIterator[bytes | ErrorReply | Ticket]:
+        async for item in self._deliver(self.serving.completion_stream(request), channel):
             yield item
+
+    async def _deliver(self, items: AsyncIterator[bytes | ErrorReply], channel: ChannelRequest | None
+                       ) -> AsyncIterator[bytes | ErrorReply | Ticket]:
+        """Yield the stream over Ray, or, when the router asked for the stream channel,
+        yield only its ticket and send the bytes on the channel (see stream_channel)."""
+        server = await self._channel_server() if channel is not None else None
+        try:
+            if server is None:
+                async for item in items:
+                    yield item
+                return
+            yield server.ticket
+            async for item in items:
+                server.send(channel, item)
+            server.end(channel)
+        finally:
+            await items.aclose()
+
+    async def _channel_server(self) -> ReplicaChannelServer | None:
+        """Started on first use, on the loop that runs the requests; None if it cannot listen."""
+        if self._channel is None:
+            self._channel = asyncio.ensure_future(ReplicaChannelServer.start())
+        try:
+            return await asyncio.shield(self._channel)
+        except OSError as error:
+            logger.warning("Stream channel unavailable, streaming over Ray: %s", error)
+            return None
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests()
 
     def replica_info(self) -> dict[str, Any]:
         """Where this replica runs and how long its start took (diagnostics, benchmarks)."""
+        channel = self._channel.result() if self._channel is not None and self._channel.done() \
+            and not self._channel.exception() else None
         return {**replica_placement(), "timings": {**self.timings, "process_start": _process_start_time()},
-                "engine_pids": self.engine.child_pids()}
+                "engine_pids": self.engine.child_pids(),
+                "stream_channel": channel.describe() if channel is not None else None}
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically: a dead engine makes the replica unhealthy."""

@@ -92,14 +92,39 @@ def _node_resources() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def _read_cluster_state() -> tuple[Any, list[str]]:
-    """Serve's status and the names of placement groups still waiting for resources."""
-    from ray import serve
+@dataclass
+class DeploymentOverview:
+    status: str
+    message: str
+    replica_states: dict[str, int]
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _read_cluster_state(app_name: str) -> tuple[dict[str, DeploymentOverview], list[str]]:
+    """The app's deployments and the names of placement groups still waiting for resources.
+
+    Reads the controller's plain details dict: ``serve.status()`` builds pydantic models
+    from it, about 13 ms of the router's CPU per poll against 1 ms.
+    """
+    from ray.serve.context import _get_global_client
     from ray.util import placement_group_table
 
     waiting = [info.get("name", "") for info in placement_group_table().values()
                if info.get("state") in ("PENDING", "RESCHEDULING")]
-    return serve.status(), waiting
+    details = _get_global_client().get_serve_details()
+    app = (details.get("applications") or {}).get(app_name) or {}
+    deployments = {}
+    for name, deployment in (app.get("deployments") or {}).items():
+        counts: dict[str, int] = {}
+        for replica in deployment.get("replicas") or ():
+            state = _name(replica.get("state"))
+            counts[state] = counts.get(state, 0) + 1
+        deployments[name] = DeploymentOverview(_name(deployment.get("status")), deployment.get("message") or "",
+                                               counts)
+    return deployments, waiting
 
 
 def _short_error(message: str) -> str:
@@ -132,9 +157,7 @@ class ModelStatusTracker:
             await asyncio.sleep(self.poll_interval_s)
 
     async def refresh(self) -> None:
-        status, waiting_groups = await asyncio.to_thread(_read_cluster_state)
-        app = status.applications.get(self.app_name)
-        deployments = app.deployments if app else {}
+        deployments, waiting_groups = await asyncio.to_thread(_read_cluster_state, self.app_name)
         nodes: list[dict[str, float]] | None = None
         now = time.monotonic()
         for model_id, spec in self.specs.items():
@@ -144,13 +167,13 @@ class ModelStatusTracker:
             waiting = any(f"#{spec.deployment}#" in name for name in waiting_groups)
             nodes = self._update(self.states[model_id], spec, overview, now, nodes, waiting)
 
-    def _update(self, state: ModelState, spec: ModelSpec, overview: Any, now: float,
+    def _update(self, state: ModelState, spec: ModelSpec, overview: DeploymentOverview, now: float,
                 nodes: list[dict[str, float]] | None, waiting_for_resources: bool
                 ) -> list[dict[str, float]] | None:
-        counts = {str(getattr(k, "value", k)): v for k, v in overview.replica_states.items()}
+        counts = overview.replica_states
         running = counts.get("RUNNING", 0)
         pending = counts.get("STARTING", 0) + counts.get("RECOVERING", 0)
-        deployment_status = str(getattr(overview.status, "value", overview.status))
+        deployment_status = overview.status
         state.running_replicas = running
         if running:
             state.state, state.message, state.pending_since = READY, "", None

@@ -51,6 +51,7 @@ from rayllm_app.protocol import (
     ModelList,
 )
 from rayllm_app.settings import RouterSettings
+from rayllm_app.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _translate_serve_error(error: BaseException, model: str) -> OpenAIError:
         return OverloadedError(f"Model '{model}' has too many queued requests. Retry after a short wait.")
     if isinstance(error, getattr(serve_exceptions, "DeploymentUnavailableError", ())):
         return ModelUnavailableError(f"Model '{model}' is not available right now: {error}")
-    if isinstance(error, (ray_exceptions.RayActorError, ray_exceptions.ActorDiedError)):
+    if isinstance(error, (ray_exceptions.RayActorError, ray_exceptions.ActorDiedError, ChannelClosed)):
         return ModelUnavailableError(
             f"The replica serving model '{model}' stopped while handling this request; retry it."
         )
@@ -131,6 +132,20 @@ def _translate_serve_error(error: BaseException, model: str) -> OpenAIError:
 
 def _sse_error(error: OpenAIError) -> bytes:
     return b"data: " + json.dumps(error.to_dict()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+async def _watch_call(stream: Any, sub: Subscription, model: str) -> None:
+    """Follow a channelled call to its end: if the replica or the call fails, so does the stream."""
+    try:
+        async for _ in stream:
+            pass
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        sub.fail(_translate_serve_error(error, model))
+        return
+    # The call finished; its END frame is on the way. If it never arrives, do not hang.
+    asyncio.get_running_loop().call_later(10.0, sub.fail, ChannelClosed("the stream ended without its last frame"))
 
 
 def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
@@ -172,6 +187,7 @@ class Router:
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
         self.status.start()
+        self.channels = RouterChannels() if self.settings.stream_channel else None
 
     def _caller(self, request: Request) -> ApiKey | None:
         return self.keys.authenticate(request.headers.get("authorization"))
@@ -278,27 +294,108 @@ class Router:
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
                 return error_response(_translate_serve_error(error, body.model), body.model)
             return _reply(result)
-        stream = getattr(handle.options(stream=True), f"{method}_stream").remote(body)
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+        sub = self.channels.open() if self.channels is not None else None
+        try:
+            stream, first = await self._open_stream(handle, method, body, sub, timeout)
+            if isinstance(first, Ticket):
+                first = await self._first_on_channel(stream, first, sub, body, deadline, timeout)
+                if first is None:  # the replica's channel is unreachable: stream this one over Ray
+                    self.channels.close(sub)
+                    sub = None
+                    stream, first = await self._open_stream(handle, method, body, None, timeout)
+            elif sub is not None:  # the replica streams over Ray (it has no channel)
+                self.channels.close(sub)
+                sub = None
+        except BaseException as error:
+            if sub is not None:
+                self.channels.close(sub)
+            if isinstance(error, OpenAIError):
+                return error_response(error, body.model)
+            raise
+        if isinstance(first, ErrorReply):
+            stream.cancel()
+            if sub is not None:
+                self.channels.close(sub)
+            return _reply(first)
+        relay = (self._relay(first, stream, body.model, deadline, timeout) if sub is None
+                 else self._relay_channel(first, stream, sub, body.model, deadline, timeout))
+        return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _open_stream(self, handle: DeploymentHandle, method: str,
+                           body: ChatCompletionRequest | CompletionRequest, sub: Subscription | None,
+                           timeout: float | None) -> tuple[Any, Any]:
+        """Start the streaming call and wait for its first item (ticket, bytes or ErrorReply)."""
+        args = (body, sub.request) if sub is not None else (body,)
+        stream = getattr(handle.options(stream=True), f"{method}_stream").remote(*args)
         try:
             first_item = self._through_cold_start(body.model, stream.__anext__())
-            first = await (asyncio.wait_for(first_item, timeout) if timeout else first_item)
+            return stream, await (asyncio.wait_for(first_item, timeout) if timeout else first_item)
         except asyncio.TimeoutError:
             stream.cancel()
-            return error_response(RequestTimeoutError(timeout or 0), body.model)
+            raise RequestTimeoutError(timeout or 0) from None
         except asyncio.CancelledError:
             stream.cancel()
             raise
         except StopAsyncIteration:
-            return error_response(EngineError(f"Model '{body.model}' ended the stream without output."), body.model)
+            raise EngineError(f"Model '{body.model}' ended the stream without output.") from None
         except Exception as error:  # noqa: BLE001
             stream.cancel()
-            return error_response(_translate_serve_error(error, body.model), body.model)
-        if isinstance(first, ErrorReply):
+            raise _translate_serve_error(error, body.model) from None
+
+    async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription,
+                                body: ChatCompletionRequest | CompletionRequest,
+                                deadline: float | None, timeout: float | None) -> bytes | ErrorReply | None:
+        """Join the replica's channel and wait for the stream's first frame; None if the
+        replica's channel cannot be reached (the call is cancelled, nothing was sent)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if not self.channels.usable(ticket):
+                raise ChannelClosed("marked unreachable")
+            await self.channels.attach(sub, ticket)
+        except ChannelClosed:
             stream.cancel()
-            return _reply(first)
-        return StreamingResponse(self._relay(first, stream, body.model, deadline, timeout),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+            return None
+        sub.watch(_watch_call(stream, sub, body.model))
+        try:
+            first = sub.get()
+            first = await (asyncio.wait_for(first, max(deadline - loop.time(), 0)) if deadline else first)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            raise RequestTimeoutError(timeout or 0) from None
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except OpenAIError:
+            stream.cancel()
+            raise
+        except Exception as error:  # noqa: BLE001
+            stream.cancel()
+            raise _translate_serve_error(error, body.model) from None
+        if first is None:
+            raise EngineError(f"Model '{body.model}' ended the stream without output.")
+        return first
+
+    async def _relay_channel(self, first: bytes, stream: Any, sub: Subscription, model: str,
+                             deadline: float | None, timeout: float | None) -> AsyncIterator[bytes]:
+        """Pass the channel's SSE frames through; a failure mid-stream becomes an error event."""
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
+        try:
+            yield first
+            while (chunk := await sub.get()) is not None:
+                if isinstance(chunk, bytes):
+                    yield chunk
+        except OpenAIError as error:
+            yield _sse_error(error)
+        except Exception as error:  # noqa: BLE001
+            yield _sse_error(_translate_serve_error(error, model))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            stream.cancel()
+            self.channels.close(sub)
 
     async def _relay(self, first: bytes, stream: Any, model: str, deadline: float | None,
                      timeout: float | None) -> AsyncIterator[bytes]:

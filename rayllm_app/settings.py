@@ -22,6 +22,10 @@ class RouterSettings(BaseModel):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     request_timeout_s: float | None = Field(
         None, gt=0, description="Whole-request limit; a timed-out request is aborted in the engine (504).")
+    stream_channel: bool = Field(
+        True, description="Model replicas send streamed responses to the router over a direct TCP "
+        "connection (one per replica and router) instead of one Ray message per chunk; falls back "
+        "to Ray when the replica's node cannot be reached.")
     propagate_env: list[str] = Field(
         default_factory=lambda: ["RAYLLM_API_KEYS"],
         description="Variables copied from the building environment into the router's replicas.")

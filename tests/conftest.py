@@ -95,7 +95,9 @@ def ray_cluster():
     # address="local": always a fresh cluster of our own, never one another process started.
     ray.init(address="local", num_cpus=16, num_gpus=4, resources={"accelerator_type:A10G": 4},
              include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       # replicas' stream channels listen on loopback only
+                                       "RAYLLM_STREAM_CHANNEL_HOST": "127.0.0.1"}})
     yield
     from ray import serve
 

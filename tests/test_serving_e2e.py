@@ -222,3 +222,22 @@ def test_default_model_knows_paris(served_app):
         model=DEFAULT_MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0, max_tokens=30)
     assert "Paris" in result.choices[0].message.content
+
+
+def test_streams_travel_on_the_replica_channel(served_app):
+    """Streamed bytes come over the replica's stream channel (on loopback here), in order."""
+    from ray import serve
+
+    from rayllm_app.model_deployment import deployment_name
+
+    client = served_app.client()
+    stream = client.completions.create(model=TINY_A, prompt="channel check", max_tokens=12, stream=True,
+                                       logprobs=1, extra_body={"ignore_eos": True},
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    tokens = [t for c in chunks if c.choices for t in (c.choices[0].logprobs.tokens or [])]
+    assert len(tokens) == 12 and chunks[-1].usage.completion_tokens == 12
+    info = serve.get_deployment_handle(deployment_name(TINY_A), app_name="rayllm").replica_info.remote().result(
+        timeout_s=60)
+    channel = info["stream_channel"]
+    assert channel is not None and channel["host"] == "127.0.0.1" and channel["routers"] >= 1
