@@ -72,7 +72,8 @@ def router_deployment(settings: RouterSettings):
     options: dict[str, Any] = {"num_cpus": 0}
     if env_vars:
         options["runtime_env"] = {"env_vars": env_vars}
-    return Router.options(ray_actor_options=options)
+    # Our JSON access log (middleware) replaces Serve's per-request line.
+    return Router.options(ray_actor_options=options, logging_config={"enable_access_log": False})
 
 
 def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None = None,

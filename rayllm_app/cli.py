@@ -30,10 +30,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
-    from rayllm_app.app import build_app_from_configs
     from rayllm_app.config import ConfigError, load_model_configs
     from rayllm_app.settings import RouterSettings
 
@@ -51,6 +47,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   "down); stop it or pick another with --port.", file=sys.stderr)
             return 2
         proxy_port = _enable_fast_path(args.host, args.port)
+    # Imported only now: Ray Serve reads the fast path's variables at import, and the
+    # handles built here carry their transport (gRPC, not Ray actor calls) to the router.
+    import ray
+    from ray import serve
+
+    from rayllm_app.app import build_app_from_configs
+
     if args.address:
         ray.init(address=args.address)
     else:

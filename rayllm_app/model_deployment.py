@@ -202,4 +202,7 @@ def build_model_deployment(config: ModelConfig, server_cls: type = ModelServer) 
         graceful_shutdown_timeout_s=deployment.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=deployment.graceful_shutdown_wait_loop_s,
         max_constructor_retry_count=deployment.max_constructor_retry_count,
+        # The router writes one JSON access-log line per request; Serve's own line per
+        # replica call would repeat it, at about 0.1 ms of the replica's CPU each.
+        logging_config={"enable_access_log": False},
     ).bind(config.model_dump(mode="json"))

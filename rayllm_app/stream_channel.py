@@ -79,7 +79,7 @@ def _decode_reply(payload: bytes) -> ErrorReply:
 class _Peer:
     """One router, as a replica sees it: its connection, and frames waiting to go out."""
 
-    __slots__ = ("loop", "transport", "buffer", "scheduled", "closed", "since")
+    __slots__ = ("loop", "transport", "buffer", "scheduled", "closed", "since", "frames", "writes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -88,6 +88,8 @@ class _Peer:
         self.scheduled = False
         self.closed = False
         self.since = loop.time()
+        self.frames = 0
+        self.writes = 0
 
     def write(self, stream_id: int, kind: int, payload: bytes) -> None:
         if self.closed:
@@ -96,6 +98,7 @@ class _Peer:
             raise ChannelClosed(f"the router did not connect within {UNCLAIMED_TIMEOUT_S:g} s")
         self.buffer += FRAME.pack(stream_id, kind, len(payload))
         self.buffer += payload
+        self.frames += 1
         if self.transport is not None and not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self.flush)  # after every stream woken in this turn has written
@@ -105,6 +108,7 @@ class _Peer:
         if self.transport is not None and self.buffer and not self.closed:
             self.transport.write(bytes(self.buffer))
             self.buffer.clear()
+            self.writes += 1
 
 
 class _ReplicaProtocol(asyncio.Protocol):
@@ -185,8 +189,9 @@ class ReplicaChannelServer:
         self._peer(request.router_id).write(request.stream_id, END, b"")
 
     def describe(self) -> dict[str, Any]:
-        return {"host": self.ticket.host, "port": self.ticket.port,
-                "routers": sum(1 for peer in self._peers.values() if peer.transport is not None)}
+        connected = [peer for peer in self._peers.values() if peer.transport is not None]
+        return {"host": self.ticket.host, "port": self.ticket.port, "routers": len(connected),
+                "frames": sum(peer.frames for peer in connected), "writes": sum(peer.writes for peer in connected)}
 
     def close(self) -> None:
         self._server.close()
