@@ -10,7 +10,7 @@ and stopped. Results go to ``benchmarks/results/<date>-<model>.{md,json,png}``.
 Stacks (``--stacks``):
 
 * ``bare`` - ``python -m vllm.entrypoints.openai.api_server`` (the lower bound).
-* ``rayllm-serve-llm`` - ``ray.serve.llm.build_openai_app`` of the same Ray version,
+* ``ray-serve-llm`` - ``ray.serve.llm.build_openai_app`` of the same Ray version,
   via ``benchmarks/ray_serve_llm_launcher.py`` in the peers virtualenv.
 * ``rayllm-app`` - this project: ``python -m rayllm_app.cli run --model <yaml>``.
 
@@ -42,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 from rayllm_app.bench import BenchConfig, BenchResult, run_benchmark  # noqa: E402
 from rayllm_app.bench_report import markdown_report  # noqa: E402
 
-STACKS = ("bare", "rayllm-serve-llm", "rayllm-app")
-ALIASES = {"ray-serve-llm": "rayllm-serve-llm", "serve-llm": "rayllm-serve-llm", "vllm": "bare"}
+STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app")
+ALIASES = {"rayllm-serve-llm": "ray-serve-llm", "serve-llm": "ray-serve-llm", "vllm": "bare"}
+PEER_STACKS = ("ray-serve-llm", "ray-serve-llm-fast")
 DEFAULT_MODEL = Path.home() / ".cache" / "rayllm" / "SmolLM2-135M-Instruct"
 TINY_DIR = Path("/tmp/rayllm-bench/tiny-llama")
 PEERS = ROOT / ".bench-venvs" / "peers"
@@ -179,11 +180,12 @@ def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir
         return [str(main_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                 "--served-model-name", model_id, *engine_cli_flags(engine_kwargs),
                 "--host", "127.0.0.1", "--port", str(port)]
-    if stack == "rayllm-serve-llm":
+    if stack in PEER_STACKS:
         assert peers_python is not None
         return [str(peers_python), str(ROOT / "benchmarks" / "ray_serve_llm_launcher.py"),
                 "--model-id", model_id, "--model-source", str(folder),
-                "--engine-kwargs", json.dumps(engine_kwargs), "--host", "127.0.0.1", "--port", str(port)]
+                "--engine-kwargs", json.dumps(engine_kwargs), "--host", "127.0.0.1", "--port", str(port),
+                *(["--fast-path"] if stack == "ray-serve-llm-fast" else [])]
     if stack == "rayllm-app":
         yaml_path = workdir / f"{model_id}.yaml"
         # JSON is valid YAML: no YAML writer needed here.
@@ -280,8 +282,8 @@ class Server:
 # --------------------------------------------------------------------------- load
 
 
-def requests_for(concurrency: int, num_requests: int | None) -> int:
-    return num_requests if num_requests else max(32, 8 * concurrency)
+def requests_for(concurrency: int, num_requests: int | None, factor: int = 8, minimum: int = 32) -> int:
+    return num_requests if num_requests else max(minimum, factor * concurrency)
 
 
 def cpu_busy(seconds: float = 2.0) -> float:
@@ -321,21 +323,33 @@ def run_levels(stack: str, base_url: str, model_id: str, args, loads: dict) -> l
     for c in args.concurrency:
         cfg = BenchConfig(
             base_url=base_url, model=model_id, endpoint=args.endpoint, stream=args.stream,
-            concurrency=c, num_requests=requests_for(c, args.num_requests),
+            concurrency=c, num_requests=requests_for(c, args.num_requests, args.requests_factor, args.min_requests),
             input_len=args.input_len, output_len=args.output_len, ignore_eos=True,
             warmup_requests=min(c, 4), max_duration=args.max_duration, request_timeout=args.max_duration,
             label=f"{stack} c={c}", progress=sys.stderr.isatty(), seed=c,
         )
-        log(f"{stack}: concurrency {c}, {cfg.num_requests} requests")
+        log(f"{stack}: concurrency {c}, {cfg.num_requests} requests x {args.repeat}")
         busy = wait_for_quiet(args.quiet_cpu, args.quiet_wait) if args.quiet_wait > 0 else cpu_busy(1.0)
         before = os.getloadavg()[0]
-        result = asyncio.run(run_benchmark(cfg))
+        attempts = []
+        for attempt in range(args.repeat):
+            result = asyncio.run(run_benchmark(cfg))
+            log(f"{stack}: c={c} #{attempt + 1}: {result.output_throughput:.0f} out tok/s, TTFT p50 "
+                f"{result.ttft_ms.p50 or 0:.0f} ms, {result.failed} failed")
+            attempts.append(result)
         loads[str(c)] = {"cpu_busy_before": round(busy, 3), "load1_before": round(before, 2),
-                         "load1_after": round(os.getloadavg()[0], 2)}
-        log(f"{stack}: c={c} {result.output_throughput:.0f} out tok/s, TTFT p50 "
-            f"{result.ttft_ms.p50 or 0:.0f} ms, {result.failed} failed")
-        results.append(result)
+                         "load1_after": round(os.getloadavg()[0], 2),
+                         "repeats": [{"out_tok_s": round(r.output_throughput, 1),
+                                      "ttft_p50_ms": round(r.ttft_ms.p50 or 0, 1)} for r in attempts]}
+        results.append(median_run(attempts))
     return results
+
+
+def median_run(attempts: list[BenchResult]) -> BenchResult:
+    """The repeat with the median output throughput: a busy moment of the shared host
+    neither sinks nor lifts a level."""
+    ranked = sorted(attempts, key=lambda r: r.output_throughput)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 # --------------------------------------------------------------------------- report
@@ -351,28 +365,82 @@ def _load_cell(load: dict | None) -> str:
     return f"{load['cpu_busy_before']:.0%}, {load['load1_before']:.1f} / {load['load1_after']:.1f}"
 
 
+def _spread(load: dict | None) -> str:
+    repeats = (load or {}).get("repeats") or []
+    if len(repeats) < 2:
+        return "-"
+    values = [r["out_tok_s"] for r in repeats]
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
 def comparison_table(report: dict) -> str:
     lines = [
-        "| stack | conc | req/s | out tok/s | vs bare | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
-        "| TPOT p50 ms | E2E p50 ms | E2E p99 ms | ok / err | host load |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| stack | conc | req/s | out tok/s | vs bare | runs (out tok/s) | TTFT p50 ms | TTFT vs bare "
+        "| TTFT p99 ms | ITL p50 ms | TPOT p50 ms | E2E p50 ms | E2E p99 ms | ok / err | host load |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    bare = {r["config"]["concurrency"]: r["output_throughput"]
-            for r in report["stacks"].get("bare", {}).get("runs", [])}
+    bare = {r["config"]["concurrency"]: r for r in report["stacks"].get("bare", {}).get("runs", [])}
     for stack, entry in report["stacks"].items():
         if entry["status"] != "ok":
-            lines.append(f"| {stack} | - | - | - | - | - | - | - | - | - | - | {entry['status']} | - |")
+            lines.append(f"| {stack} | - | - | - | - | - | - | - | - | - | - | - | - | {entry['status']} | - |")
             continue
         for r in entry["runs"]:
             c = r["config"]["concurrency"]
-            rel = f"{100 * r['output_throughput'] / bare[c]:.0f}%" if bare.get(c) else "-"
+            base = bare.get(c)
+            rel = f"{100 * r['output_throughput'] / base['output_throughput']:.0f}%" if base else "-"
+            ttft_rel = (f"{r['ttft_ms']['p50'] / base['ttft_ms']['p50']:.2f}x"
+                        if base and base["ttft_ms"]["p50"] and r["ttft_ms"]["p50"] else "-")
+            load = entry.get("host_load", {}).get(str(c))
             lines.append(
                 f"| {stack} | {c} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | {rel} "
-                f"| {_ms(r['ttft_ms']['p50'])} | {_ms(r['ttft_ms']['p99'])} | {_ms(r['itl_ms']['p50'])} "
-                f"| {_ms(r['tpot_ms']['p50'])} | {_ms(r['e2e_ms']['p50'])} | {_ms(r['e2e_ms']['p99'])} "
-                f"| {r['completed']} / {r['failed'] + r['cancelled']} "
-                f"| {_load_cell(entry.get('host_load', {}).get(str(c)))} |"
+                f"| {_spread(load)} | {_ms(r['ttft_ms']['p50'])} | {ttft_rel} | {_ms(r['ttft_ms']['p99'])} "
+                f"| {_ms(r['itl_ms']['p50'])} | {_ms(r['tpot_ms']['p50'])} | {_ms(r['e2e_ms']['p50'])} "
+                f"| {_ms(r['e2e_ms']['p99'])} | {r['completed']} / {r['failed'] + r['cancelled']} "
+                f"| {_load_cell(load)} |"
             )
+    return "\n".join(lines)
+
+
+TARGET_METRICS = (("out tok/s", lambda r: r["output_throughput"], True),
+                  ("TTFT p50", lambda r: r["ttft_ms"]["p50"], False),
+                  ("TTFT p99", lambda r: r["ttft_ms"]["p99"], False),
+                  ("ITL p50", lambda r: r["itl_ms"]["p50"], False),
+                  ("E2E p50", lambda r: r["e2e_ms"]["p50"], False),
+                  ("E2E p99", lambda r: r["e2e_ms"]["p99"], False))
+
+
+def target_table(report: dict) -> str:
+    """rayllm-app against the issue's target: >= 90% of bare throughput, TTFT p50 <= 1.5x
+    bare, and better than each Ray Serve LLM stack on every metric."""
+    stacks = report["stacks"]
+    ours = {r["config"]["concurrency"]: r for r in stacks.get("rayllm-app", {}).get("runs", [])}
+    bare = {r["config"]["concurrency"]: r for r in stacks.get("bare", {}).get("runs", [])}
+    peers = [p for p in PEER_STACKS if stacks.get(p, {}).get("runs")]
+    if not ours or not bare:
+        return ""
+    lines = ["| conc | throughput vs bare (>= 90%) | TTFT p50 vs bare (<= 1.5x) | "
+             + " | ".join(f"beats {p} on" for p in peers) + " |",
+             "|--:|--:|--:|" + "---|" * len(peers)]
+    for c, r in sorted(ours.items()):
+        b = bare.get(c)
+        if b is None:
+            continue
+        share = r["output_throughput"] / b["output_throughput"]
+        ttft = r["ttft_ms"]["p50"] / b["ttft_ms"]["p50"] if b["ttft_ms"]["p50"] else float("nan")
+        cells = [f"{share:.0%} {'ok' if share >= 0.9 else 'short'}", f"{ttft:.2f}x {'ok' if ttft <= 1.5 else 'short'}"]
+        for p in peers:
+            peer = {x["config"]["concurrency"]: x for x in stacks[p]["runs"]}.get(c)
+            if peer is None:
+                cells.append("-")
+                continue
+            won, lost = [], []
+            for name, value, higher_is_better in TARGET_METRICS:
+                a, z = value(r), value(peer)
+                if a is None or z is None:
+                    continue
+                (won if (a > z if higher_is_better else a < z) else lost).append(name)
+            cells.append(f"{len(won)}/{len(won) + len(lost)}" + (f" (not: {', '.join(lost)})" if lost else ""))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -389,7 +457,9 @@ def write_markdown(report: dict, path: Path, png_name: str | None) -> None:
         f"`rayllm bench`, {'streaming' if load['stream'] else 'non-streaming'} {load['endpoint']}, "
         f"prompts of ~{load['input_len']} tokens, {load['output_len']} output tokens per request "
         f"(`ignore_eos`), closed loop at concurrency {', '.join(map(str, load['concurrency']))} with "
-        f"{load['requests']} requests per level after a short warm-up.",
+        f"{load['requests']} requests per level after a short warm-up, each level run "
+        f"{load.get('repeat', 1)} times; the table shows the run with the median throughput and the "
+        "range of all runs.",
         "",
         comparison_table(report),
         "",
@@ -400,6 +470,11 @@ def write_markdown(report: dict, path: Path, png_name: str | None) -> None:
         "ITL is per token (a chunk's gap divided by the tokens it carried), TPOT is "
         "(last token - first token) / (tokens - 1) per request; see `rayllm_app/bench_report.py`.",
     ]
+    target = target_table(report)
+    if target:
+        out += ["", "### rayllm-app against the target", "", target, "",
+                "Metrics compared with each Ray Serve LLM stack: " + ", ".join(m[0] for m in TARGET_METRICS)
+                + " (higher throughput, lower latencies)."]
     if png_name:
         out += ["", f"![throughput and TTFT vs concurrency]({png_name})"]
     out += ["", "## Stacks", ""]
@@ -462,11 +537,16 @@ def parse_args(argv=None):
     p.add_argument("--model-id", default=None, help="served model name (default: folder name)")
     p.add_argument("--stacks", default=",".join(STACKS), help="comma list of " + ", ".join(STACKS))
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--num-requests", type=int, default=None, help="per level (default: max(32, 8 x concurrency))")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="per level (default: max(--min-requests, --requests-factor x concurrency))")
+    p.add_argument("--requests-factor", type=int, default=8)
+    p.add_argument("--min-requests", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per level; the table shows the median run by throughput")
     p.add_argument("--max-duration", type=float, default=300.0, help="per level, seconds")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--quiet-wait", type=float, default=0.0,
@@ -525,7 +605,8 @@ def main(argv=None) -> int:
             "versions": {k: v for k, v in versions.items() if v},
             "load": {"endpoint": args.endpoint, "stream": args.stream, "input_len": args.input_len,
                      "output_len": args.output_len, "concurrency": args.concurrency,
-                     "requests": args.num_requests or "max(32, 8 x concurrency)"},
+                     "requests": args.num_requests
+                     or f"max({args.min_requests}, {args.requests_factor} x concurrency)", "repeat": args.repeat},
         },
         "stacks": {},
     }

@@ -43,6 +43,22 @@ def build_llm_config(model_id: str, model_source: str, engine_kwargs: dict, num_
     )
 
 
+def enable_fast_path(host: str, port: int) -> int:
+    """The same Ray Serve settings `rayllm run` uses (rayllm_app.cli._enable_fast_path): the
+    ingress deployment listens on ``port`` itself, handles use gRPC, user code runs on the
+    replica's loop. Set before Ray Serve is imported; returns a free port for Serve's proxy."""
+    import socket
+
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 100)
+    os.environ["RAY_SERVE_DEFAULT_HTTP_HOST"] = host
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-id", required=True, help="name clients send as `model`")
@@ -51,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the private Ray")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="Ray Serve's throughput-optimized mode with direct ingress, as `rayllm run` uses")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    proxy_port = args.port
+    if args.fast_path:
+        proxy_port = enable_fast_path(args.host, args.port)
     import ray
     from ray import serve
     from ray.serve.llm import build_openai_app
@@ -65,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": proxy_port})
         config = build_llm_config(args.model_id, args.model_source, json.loads(args.engine_kwargs))
         app = build_openai_app({"llm_configs": [config]})
         t0 = time.monotonic()

@@ -134,6 +134,26 @@ def _sse_error(error: OpenAIError) -> bytes:
     return b"data: " + json.dumps(error.to_dict()).encode() + b"\n\ndata: [DONE]\n\n"
 
 
+async def _first_of(stream: Any, first: Any, model: str, timeout: float | None,
+                    limit: float | None = -1.0) -> Any:
+    """Await a stream's first item within ``limit`` s (default: ``timeout``); on any failure
+    cancel the call and raise the OpenAI error for it."""
+    limit = timeout if limit == -1.0 else limit
+    try:
+        return await (asyncio.wait_for(first, limit) if limit is not None else first)
+    except asyncio.TimeoutError:
+        stream.cancel()
+        raise RequestTimeoutError(timeout or 0) from None
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except StopAsyncIteration:
+        raise EngineError(f"Model '{model}' ended the stream without output.") from None
+    except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
+        stream.cancel()
+        raise _translate_serve_error(error, model) from None
+
+
 async def _watch_call(stream: Any, sub: Subscription, model: str) -> None:
     """Follow a channelled call to its end: if the replica or the call fails, so does the stream."""
     try:
@@ -231,7 +251,9 @@ class Router:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         """Router liveness plus each model's state; never wakes a model."""
-        return JSONResponse(self.status.health())
+        health = self.status.health()
+        health["stream_channel"] = self.channels.stats() if self.channels is not None else None
+        return JSONResponse(health)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(self, request: Request) -> Response:
@@ -328,20 +350,8 @@ class Router:
         """Start the streaming call and wait for its first item (ticket, bytes or ErrorReply)."""
         args = (body, sub.request) if sub is not None else (body,)
         stream = getattr(handle.options(stream=True), f"{method}_stream").remote(*args)
-        try:
-            first_item = self._through_cold_start(body.model, stream.__anext__())
-            return stream, await (asyncio.wait_for(first_item, timeout) if timeout else first_item)
-        except asyncio.TimeoutError:
-            stream.cancel()
-            raise RequestTimeoutError(timeout or 0) from None
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except StopAsyncIteration:
-            raise EngineError(f"Model '{body.model}' ended the stream without output.") from None
-        except Exception as error:  # noqa: BLE001
-            stream.cancel()
-            raise _translate_serve_error(error, body.model) from None
+        first_item = self._through_cold_start(body.model, stream.__anext__())
+        return stream, await _first_of(stream, first_item, body.model, timeout)
 
     async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription,
                                 body: ChatCompletionRequest | CompletionRequest,
@@ -357,21 +367,8 @@ class Router:
             stream.cancel()
             return None
         sub.watch(_watch_call(stream, sub, body.model))
-        try:
-            first = sub.get()
-            first = await (asyncio.wait_for(first, max(deadline - loop.time(), 0)) if deadline else first)
-        except asyncio.TimeoutError:
-            stream.cancel()
-            raise RequestTimeoutError(timeout or 0) from None
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except OpenAIError:
-            stream.cancel()
-            raise
-        except Exception as error:  # noqa: BLE001
-            stream.cancel()
-            raise _translate_serve_error(error, body.model) from None
+        first = await _first_of(stream, sub.get(), body.model, timeout,
+                                limit=max(deadline - loop.time(), 0) if deadline else None)
         if first is None:
             raise EngineError(f"Model '{body.model}' ended the stream without output.")
         return first

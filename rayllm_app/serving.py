@@ -39,8 +39,11 @@ class Engine(Protocol):
                  request_id: str) -> AsyncIterator[list[ChoiceDelta]]: ...
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return _encode(obj).encode()
 
 
 def sse(obj: Any) -> bytes:
