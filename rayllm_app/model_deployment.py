@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from rayllm_app.config import ModelConfig, parse_model_config
+from rayllm_app.engine_guard import start_guard
 from rayllm_app.errors import ErrorReply
 from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest
 from rayllm_app.stream_channel import ChannelRequest, ReplicaChannelServer, Ticket
@@ -35,6 +36,7 @@ class ModelServer:
         self.timings["weights_ready"] = time.time()
         self.engine = VLLMEngine.start(self.config, model_path)
         self.serving = ModelServing(self.config, self.engine)
+        self._guard = start_guard(self.engine.child_pids())  # the engine dies with this replica
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
         self.timings["engine_ready"] = time.time()
         logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)

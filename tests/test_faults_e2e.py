@@ -43,7 +43,9 @@ def _replica_info(model: str) -> dict:
 
 def test_replica_killed_mid_load(served_app):
     """In-flight requests on the killed replica fail clearly; all others succeed once it is replaced."""
-    victim = _replica_info(TINY_ZERO)["pid"]
+    info = _replica_info(TINY_ZERO)
+    victim, victim_engine = info["pid"], info["engine_pids"]
+    assert victim_engine, "the replica's engine runs in child processes"
     body = {"model": TINY_ZERO, "messages": [{"role": "user", "content": "go"}], "max_tokens": 120,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
 
@@ -81,6 +83,14 @@ def test_replica_killed_mid_load(served_app):
     for result in ok:
         assert result["events"][-1]["usage"]["completion_tokens"] == 120
     assert _replica_info(TINY_ZERO)["pid"] != victim
+    # The engine guard ended the killed replica's engine processes: no orphans left behind.
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(pid) for pid in victim_engine) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in victim_engine if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
 def test_fuzz_router_openapi_has_no_5xx(served_app):
