@@ -28,6 +28,7 @@ def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYLLM_STREAM_CHANNEL_HOST": "127.0.0.1",
            "PYTHONPATH": str(ROOT)}
+    env.pop("RAYLLM_API_KEYS", None)  # the session app's keys (set by its fixture): no auth here
     log = open(folder / "run.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rayllm_app.cli", "run", "--model", str(config), "--host", "127.0.0.1",
