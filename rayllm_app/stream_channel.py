@@ -160,8 +160,8 @@ class ReplicaChannelServer:
         return holder[0]
 
     def _peer(self, router_id: bytes) -> _Peer:
-        peer = self._peers.get(router_id)
-        if peer is None or (peer.closed and peer.transport is not None):
+        peer = self._peers.get(router_id)  # closed peers never stay here (see _attach, _detach)
+        if peer is None:
             peer = self._peers[router_id] = _Peer(self.loop)
         return peer
 
