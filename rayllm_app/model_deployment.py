@@ -62,17 +62,23 @@ class ModelServer:
         """Yield the stream over Ray, or, when the router asked for the stream channel,
         yield only its ticket and send the bytes on the channel (see stream_channel)."""
         server = await self._channel_server() if channel is not None else None
-        try:
-            if server is None:
+        if server is None:
+            try:
                 async for item in items:
                     yield item
-                return
+            finally:
+                await items.aclose()
+            return
+        # The engine starts on the request now, while the ticket travels back over Ray (the
+        # channel holds frames until the router connects): prefill does not wait for it.
+        pump = asyncio.ensure_future(_pump(items, server, channel))
+        try:
             yield server.ticket
-            async for item in items:
-                server.send(channel, item)
-            server.end(channel)
+            await pump  # cancelling this call cancels the pump, which aborts the engine request
         finally:
-            await items.aclose()
+            if not pump.done():
+                pump.cancel()
+                await asyncio.wait([pump])
 
     async def _channel_server(self) -> ReplicaChannelServer | None:
         """Started on first use, on the loop that runs the requests; None if it cannot listen."""
@@ -103,6 +109,16 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+async def _pump(items: AsyncIterator[bytes | ErrorReply], server: ReplicaChannelServer,
+                request: ChannelRequest) -> None:
+    try:
+        async for item in items:
+            server.send(request, item)
+        server.end(request)
+    finally:
+        await items.aclose()
 
 
 def _current_placement_group() -> Any | None:

@@ -189,6 +189,16 @@ def _reply(result: bytes | ErrorReply) -> Response:
     return Response(result, media_type="application/json")
 
 
+class _ModelCalls:
+    """A model's handle per method, built once: ``handle.options()`` and method lookups make
+    a new handle each time (about 3% of the router's CPU when done per request)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.unary = {m: getattr(handle, m) for m in ("chat", "completion")}
+        streaming = handle.options(stream=True)
+        self.streaming = {m: getattr(streaming, f"{m}_stream") for m in ("chat", "completion")}
+
+
 @serve.deployment(
     name="router",
     ray_actor_options={"num_cpus": 0},
@@ -203,7 +213,7 @@ class Router:
         self.keys = KeyStore.from_settings(self.settings)
         install_middleware(app, self.settings)
         self.cards = [ModelCard.model_validate(card) for card in cards]
-        self.handles = {card.id: handle for card, handle in zip(self.cards, handles)}
+        self.handles = {card.id: _ModelCalls(handle) for card, handle in zip(self.cards, handles)}
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
         self.status.start()
@@ -212,7 +222,7 @@ class Router:
     def _caller(self, request: Request) -> ApiKey | None:
         return self.keys.authenticate(request.headers.get("authorization"))
 
-    def _handle(self, model: str, caller: ApiKey | None) -> DeploymentHandle:
+    def _handle(self, model: str, caller: ApiKey | None) -> _ModelCalls:
         self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
         set_request_model(model)
         handle = self.handles.get(model)
@@ -303,7 +313,7 @@ class Router:
                         caller: ApiKey | None, timeout: float | None) -> Response:
         handle = self._handle(body.model, caller)
         if not body.stream:
-            response = getattr(handle, method).remote(body)
+            response = handle.unary[method].remote(body)
             call = self._through_cold_start(body.model, response)
             try:
                 result = await (asyncio.wait_for(call, timeout) if timeout else call)
@@ -344,12 +354,12 @@ class Router:
                  else self._relay_channel(first, stream, sub, body.model, deadline, timeout))
         return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def _open_stream(self, handle: DeploymentHandle, method: str,
+    async def _open_stream(self, handle: _ModelCalls, method: str,
                            body: ChatCompletionRequest | CompletionRequest, sub: Subscription | None,
                            timeout: float | None) -> tuple[Any, Any]:
         """Start the streaming call and wait for its first item (ticket, bytes or ErrorReply)."""
         args = (body, sub.request) if sub is not None else (body,)
-        stream = getattr(handle.options(stream=True), f"{method}_stream").remote(*args)
+        stream = handle.streaming[method].remote(*args)
         first_item = self._through_cold_start(body.model, stream.__anext__())
         return stream, await _first_of(stream, first_item, body.model, timeout)
 
