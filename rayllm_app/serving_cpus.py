@@ -9,12 +9,14 @@ that one thread. Measured on 2 cores with the tiny model: 15-40% more output tok
 concurrency 4-16 once the serving processes stay on the reserved core.
 
 ``rayllm run`` owns its local Ray instance, so it watches its own process tree: cores bound
-by engine workers are the compute cores, and every other process that can no longer start an
-engine is moved (all its threads) to the remaining cores. Processes that may still start an
-engine keep every core, since vLLM picks its cores from the affinity it inherits: Ray's
-raylet (it forks the workers), idle Ray workers, and model replicas whose engine is not up
-yet. With no engine bound (GPUs, ``VLLM_CPU_OMP_THREADS_BIND=all``, scaled to zero) every
-process gets every core back.
+by engine workers are the compute cores, and the serving layer (this driver, Ray's daemons,
+the router, the Serve controller, model replicas whose engine is up) is moved, all threads,
+to the remaining cores. vLLM's own processes (engine core, workers) stay where vLLM puts
+them, as under a bare ``vllm serve``. Processes that may still start an engine keep every
+core, since vLLM picks its cores from the affinity it inherits: Ray's raylet (it forks the
+workers), idle Ray workers, and model replicas whose engine is not up yet. With no engine
+bound (GPUs, ``VLLM_CPU_OMP_THREADS_BIND=all``, scaled to zero) every process gets every
+core back.
 """
 
 from __future__ import annotations
@@ -95,15 +97,14 @@ class ServingCpuKeeper:
         return not (self.serving and cpus <= self.serving)
 
     def _may_move(self, pid: int, title: str, with_engine: set[int], info: dict) -> bool:
-        if any(title.startswith(name) or f"/{name} " in f"{title} " for name in SPAWNERS):
+        if title.split(maxsplit=1)[0].rsplit("/", 1)[-1] in SPAWNERS:
             return False
-        if pid in with_engine:
-            return True  # its engine is up (this driver, a model replica, an engine core)
-        if title.startswith("ray::"):
-            return title.startswith(NON_ENGINE_ACTORS + self.router_titles)
-        # Ray's daemons (GCS, log monitor, dashboard) may move; a process under a Ray worker
-        # may be an engine core that has not forked its workers yet.
-        return not any(info[a][2].startswith("ray::") for a in _ancestors({pid}, info) if a in info)
+        if title.startswith("ray::"):  # a model replica once its engine is up, or a known non-engine actor
+            return pid in with_engine or title.startswith(NON_ENGINE_ACTORS + self.router_titles)
+        # Ray's daemons (GCS, log monitor, dashboard) and this driver move. Processes under a Ray
+        # worker are vLLM's (engine core; or one that has not forked its workers yet): they stay
+        # where vLLM puts them, as under a bare `vllm serve`.
+        return not any(info[a][2].startswith("ray::") for a in _ancestors({pid}, info))
 
     def _place(self, pid: int, key: tuple[int, float], target: frozenset[int] | None) -> None:
         if target is None:

@@ -17,18 +17,25 @@ from tests.conftest import TINY_A, TINY_ZERO
 pytestmark = pytest.mark.e2e
 
 
-async def _stream_one(client: httpx.AsyncClient, body: dict) -> dict:
-    """One streaming chat request: status, parsed events, whether it ended with [DONE]."""
+async def _stream_one(client: httpx.AsyncClient, body: dict, streaming: set | None = None) -> dict:
+    """One streaming chat request: status, parsed events, whether it ended with [DONE].
+    While its tokens flow, the request sits in ``streaming``."""
     async with client.stream("POST", "/chat/completions", json={**body, "stream": True}) as response:
         if response.status_code != 200:
             await response.aread()
             return {"status": response.status_code, "events": [], "done": False, "body": response.text}
-        events, done = [], False
-        async for line in response.aiter_lines():
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                events.append(json.loads(line[6:]))
+        events, done, me = [], False, object()
+        try:
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if streaming is not None and len(events) == 2:
+                        streaming.add(me)
+        finally:
+            if streaming is not None:
+                streaming.discard(me)
         return {"status": 200, "events": events, "done": done}
 
 
@@ -54,14 +61,21 @@ def test_replica_killed_mid_load(served_app):
                                      timeout=300) as client:
             queue = list(range(32))
             results: list[dict] = []
+            streaming: set = set()
 
             async def worker() -> None:
                 while queue:
                     queue.pop()
-                    results.append(await _stream_one(client, body))
+                    results.append(await _stream_one(client, body, streaming))
 
             async def killer() -> None:
-                await asyncio.sleep(1.5)
+                # Mid-stream, not between requests: one that was not yet accepted is retried
+                # on the new replica by Ray Serve, and would then rightly succeed.
+                await asyncio.sleep(1.0)
+                for _ in range(3000):
+                    if streaming:
+                        break
+                    await asyncio.sleep(0.01)
                 os.kill(victim, signal.SIGKILL)
 
             await asyncio.gather(killer(), *(worker() for _ in range(4)))

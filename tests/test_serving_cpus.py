@@ -25,8 +25,9 @@ def node(title: str, *children: str, late_child: bool = False) -> str:
     body = " ".join(f"( {child} ) &" for child in children)
     if late_child:  # started after the first scan: inherits whatever the keeper gave its parent
         body += " ( sleep 1.5; exec -a late-child sleep 120 ) &"
-    body += " wait" if body else "exec sleep 120"
-    return f"exec -a {shlex.quote(title)} bash -c {shlex.quote(body)}"
+    if not body:
+        return f"exec -a {shlex.quote(title)} sleep 120"
+    return f"exec -a {shlex.quote(title)} bash -c {shlex.quote(body + ' wait; while :; do sleep 60; done')}"
 
 
 WORKER = "taskset -c 0 sleep 120"
@@ -42,20 +43,26 @@ TREE = node(
 )
 
 
-def _tree(root: subprocess.Popen, count: int) -> dict[str, psutil.Process]:
+def _tree(root: subprocess.Popen, needed: set[str]) -> dict[str, psutil.Process]:
+    """The tree's processes by role, once every ``needed`` role is there."""
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        children = psutil.Process(root.pid).children(recursive=True)
-        if len(children) >= count:
-            break
+    while True:
+        found = {}
+        for process in [psutil.Process(root.pid), *psutil.Process(root.pid).children(recursive=True)]:
+            try:
+                title, parent = " ".join(process.cmdline()), " ".join(process.parent().cmdline())
+                cpus = os.sched_getaffinity(process.pid)
+            except (psutil.Error, OSError):
+                continue
+            if title.startswith("sleep 1.5"):
+                continue  # the late child's timer
+            name = "worker" if title == "sleep 120" and cpus == {0} else title.split()[0].rsplit("/", 1)[-1]
+            if name.startswith("VLLM"):
+                name += " < " + parent.split()[0]
+            found.setdefault(name, process)
+        if needed <= set(found) or time.monotonic() > deadline:
+            return found
         time.sleep(0.05)
-    found = {}
-    for process in [psutil.Process(root.pid), *psutil.Process(root.pid).children(recursive=True)]:
-        title = " ".join(process.cmdline())
-        name = "worker" if title == "sleep 120" and os.sched_getaffinity(process.pid) == {0} else title.split()[0]
-        parent = " ".join(process.parent().cmdline()).split()[0]
-        found[f"{name} < {parent.rsplit('/', 1)[-1]}" if name.startswith("VLLM") else name.rsplit("/", 1)[-1]] = process
-    return found
 
 
 def _cpus(process: psutil.Process) -> frozenset[int]:
@@ -76,23 +83,24 @@ def tree():
 
 
 def test_serving_processes_leave_the_engine_cores_and_get_them_back(tree: subprocess.Popen) -> None:
-    processes = _tree(tree, count=12)
+    moved = {"rayllm-driver", "gcs_server", "ray::ServeController", "ray::ServeReplica:app:router",
+             "ray::ServeReplica:app:model-a"}
+    kept = {"VLLM::EngineCore < ray::ServeReplica:app:model-a",  # vLLM's: placed as vLLM does
+            "raylet",  # forks Ray workers: a new replica must see every core
+            "ray::IDLE",  # may become a model replica
+            "ray::ServeReplica:app:model-b", "VLLM::EngineCore < ray::ServeReplica:app:model-b"}  # engine not up
+    processes = _tree(tree, moved | kept | {"worker"})
     keeper = ServingCpuKeeper(root=tree.pid, router_titles=("ray::ServeReplica:app:router",))
     serving = ALL - {0}
 
     assert keeper.scan() == serving
-    moved = {"rayllm-driver", "gcs_server", "ray::ServeController", "ray::ServeReplica:app:router",
-             "ray::ServeReplica:app:model-a", "VLLM::EngineCore < ray::ServeReplica:app:model-a"}
-    kept = {"raylet",  # forks Ray workers: a new replica must see every core
-            "ray::IDLE",  # may become a model replica
-            "ray::ServeReplica:app:model-b", "VLLM::EngineCore < ray::ServeReplica:app:model-b"}  # engine not up
     assert moved | kept | {"worker"} == set(processes), sorted(processes)
     assert {name: _cpus(processes[name]) for name in moved} == {name: serving for name in moved}
     assert {name: _cpus(processes[name]) for name in kept} == {name: ALL for name in kept}
     assert _cpus(processes["worker"]) == {0}
 
     # A child started by a moved process inherits the serving cores: it is no engine worker.
-    processes = _tree(tree, count=13)
+    processes = _tree(tree, {"late-child"})
     assert _cpus(processes["late-child"]) == serving
     assert keeper.scan() == serving
     assert _cpus(processes["ray::ServeReplica:app:router"]) == serving
