@@ -13,8 +13,6 @@ Stacks (``--stacks``):
 * ``ray-serve-llm`` - ``ray.serve.llm.build_openai_app`` of the same Ray version,
   via ``benchmarks/ray_serve_llm_launcher.py`` in the peers virtualenv.
 * ``rayllm-app`` - this project: ``python -m rayllm_app.cli run --model <yaml>``.
-* ``rayllm-app-unpinned`` - the same with ``--no-pin-serving-cpus``: every process may run
-  on every core, as bare vLLM's front end does (shows what the CPU placement contributes).
 
 The peers virtualenv (``.bench-venvs/peers``, packages in ``benchmarks/requirements.txt``)
 is created on first use; it also draws the plot (matplotlib). See benchmarks/README.md.
@@ -44,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from rayllm_app.bench import BenchConfig, BenchResult  # noqa: E402
 from benchmarks.compare_report import PEER_STACKS, plot, write_markdown  # noqa: E402
 
-STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app", "rayllm-app-unpinned")
+STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app")
 ALIASES = {"rayllm-serve-llm": "ray-serve-llm", "serve-llm": "ray-serve-llm", "vllm": "bare"}
 DEFAULT_MODEL = Path.home() / ".cache" / "rayllm" / "SmolLM2-135M-Instruct"
 TINY_DIR = Path("/tmp/rayllm-bench/tiny-llama")
@@ -187,13 +185,12 @@ def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir
                 "--model-id", model_id, "--model-source", str(folder),
                 "--engine-kwargs", json.dumps(engine_kwargs), "--host", "127.0.0.1", "--port", str(port),
                 *(["--fast-path"] if stack == "ray-serve-llm-fast" else [])]
-    if stack in ("rayllm-app", "rayllm-app-unpinned"):
+    if stack == "rayllm-app":
         yaml_path = workdir / f"{model_id}.yaml"
         # JSON is valid YAML: no YAML writer needed here.
         yaml_path.write_text(json.dumps(rayllm_app_yaml(model_id, folder, engine_kwargs), indent=2) + "\n")
         return [str(main_python), "-m", "rayllm_app.cli", "run", "--model", str(yaml_path),
-                "--host", "127.0.0.1", "--port", str(port), "--num-cpus", "8",
-                *(["--no-pin-serving-cpus"] if stack == "rayllm-app-unpinned" else [])]
+                "--host", "127.0.0.1", "--port", str(port), "--num-cpus", "8"]
     raise ValueError(stack)
 
 
@@ -471,7 +468,7 @@ def main(argv=None) -> int:
     for stack in args.stacks:
         entry: dict = {"status": "skipped", "runs": []}
         report["stacks"][stack] = entry
-        if stack.startswith("rayllm-app"):
+        if stack == "rayllm-app":
             reason = rayllm_run_available(args.main_python)
             if reason:
                 entry["reason"] = reason

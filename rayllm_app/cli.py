@@ -74,10 +74,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RuntimeError as error:  # one model failing must not stop the others
         print(f"Warning: not every model started; the others are serving (see /health).\n{error}",
               file=sys.stderr)
-    if args.pin_serving_cpus and not args.address:
-        from rayllm_app.serving_cpus import ServingCpuKeeper
-
-        ServingCpuKeeper(router_titles=(f"ray::ServeReplica:{args.name}:router",)).start()
     names = ", ".join(c.model_id for c in configs)
     print(f"Serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     stop = threading.Event()
@@ -179,9 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stream-channel", action=argparse.BooleanOptionalAction, default=True,
                      help="replicas stream to the router over a direct TCP channel (else one Ray message "
                      "per chunk)")
-    run.add_argument("--pin-serving-cpus", action=argparse.BooleanOptionalAction, default=True,
-                     help="CPU engines: keep the router, replicas and Ray daemons off the cores vLLM's "
-                     "workers compute on (new local Ray only)")
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=False,
                      help="set HF_HUB_OFFLINE=1 for the engines")
     run.add_argument("--api-keys-file", type=Path, default=None,
