@@ -163,6 +163,8 @@ def worker_group_spec(group: WorkerGroupPlan, options: RenderOptions, image: str
         "env": [
             {"name": "RAYLLM_CACHE_DIR", "value": f"{CACHE_DIR}/rayllm"},
             {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+            # Engines at normal priority: Ray would start workers (and so vLLM) at nice 15.
+            {"name": "RAY_worker_niceness", "value": "0"},
             *_secret_env(options),
         ],
         "volumeMounts": [
@@ -213,9 +215,8 @@ def head_group_spec(options: RenderOptions, image: str, any_gpu: bool) -> dict[s
             {"containerPort": options.http_port, "name": "serve"},
         ],
     }
-    env = _secret_env(options)
-    if env:
-        container["env"] = env
+    # The router's replicas run here: normal priority, as on the workers.
+    container["env"] = [{"name": "RAY_worker_niceness", "value": "0"}, *_secret_env(options)]
     pod_spec: dict[str, Any] = {"containers": [container]}
     if options.service_account:
         pod_spec["serviceAccountName"] = options.service_account

@@ -50,7 +50,7 @@ def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
                 pytest.fail("rayllm run not ready after 300 s:\n"
                             + (folder / "run.log").read_text(errors="replace")[-3000:])
             time.sleep(2)
-        yield base, port, folder
+        yield base, port, folder, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -64,7 +64,7 @@ def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_fast_path_streams_over_the_channel(rayllm_run):
     from openai import OpenAI
 
-    base, port, _ = rayllm_run
+    base, port, _, _ = rayllm_run
     client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [MODEL]
     for _ in range(2):  # the second stream reuses the router's connection to the replica
@@ -82,8 +82,23 @@ def test_fast_path_streams_over_the_channel(rayllm_run):
     assert error.status_code == 400 and error.json()["error"]["param"] == "prompt"
 
 
+def test_serving_and_engine_processes_run_at_normal_priority(rayllm_run):
+    """Ray starts its workers at nice 15 and vLLM inherits it; `rayllm run` asks for nice 0,
+    as a bare `vllm serve` has (see cli._serving_ray_defaults)."""
+    import psutil
+
+    *_, pid = rayllm_run
+    tree = psutil.Process(pid).children(recursive=True)
+    titles = {p.pid: " ".join(p.cmdline()) for p in tree if p.is_running()}
+    serving = {pid: title for pid, title in titles.items()
+               if title.startswith(("ray::ServeReplica", "VLLM::EngineCore", "VLLM::Worker"))}
+    assert any(t.startswith("VLLM::EngineCore") for t in serving.values()), titles
+    assert any(t.startswith("ray::ServeReplica:rayllm:router") for t in serving.values()), titles
+    assert {title: psutil.Process(pid).nice() for pid, title in serving.items()} == dict.fromkeys(serving.values(), 0)
+
+
 def test_a_second_run_on_the_same_port_is_refused(rayllm_run, tmp_path: Path):
-    _, port, folder = rayllm_run
+    _, port, folder, _ = rayllm_run
     out = subprocess.run([sys.executable, "-m", "rayllm_app.cli", "run", "--model", str(folder / "tiny-cli.yaml"),
                           "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
