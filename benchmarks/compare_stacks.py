@@ -129,9 +129,20 @@ def child_env() -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range and outside Ray's own ranges (worker
+    ports 10002-19999, Serve direct ingress 30000-31000 and 40000-41000). A port from the
+    ephemeral range (what binding port 0 gives) can be handed to one of the many servers a
+    Ray stack starts before the stack binds it: one rayllm-app run failed that way."""
+    import random
+
+    for port in random.sample(range(21000, 29000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 21000-29000")
 
 
 def package_version(python: Path, name: str) -> str | None:
