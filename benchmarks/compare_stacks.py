@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rayllm_app.bench import BenchConfig, BenchResult  # noqa: E402
+from rayllm_app.ports import free_port  # noqa: E402
 from benchmarks.compare_report import PEER_STACKS, plot, write_markdown  # noqa: E402
 
 STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app")
@@ -126,23 +126,6 @@ def child_env() -> dict[str, str]:
     env.update(QUIET_ENV)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range and outside Ray's own ranges (worker
-    ports 10002-19999, Serve direct ingress 30000-31000 and 40000-41000). A port from the
-    ephemeral range (what binding port 0 gives) can be handed to one of the many servers a
-    Ray stack starts before the stack binds it: one rayllm-app run failed that way."""
-    import random
-
-    for port in random.sample(range(21000, 29000), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 21000-29000")
 
 
 def package_version(python: Path, name: str) -> str | None:

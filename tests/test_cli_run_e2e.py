@@ -94,7 +94,8 @@ def test_serving_and_engine_processes_run_at_normal_priority(rayllm_run):
                if title.startswith(("ray::ServeReplica", "VLLM::EngineCore", "VLLM::Worker"))}
     assert any(t.startswith("VLLM::EngineCore") for t in serving.values()), titles
     assert any(t.startswith("ray::ServeReplica:rayllm:router") for t in serving.values()), titles
-    assert {title: psutil.Process(pid).nice() for pid, title in serving.items()} == dict.fromkeys(serving.values(), 0)
+    niced = {f"{pid} {title}": psutil.Process(pid).nice() for pid, title in serving.items()}
+    assert {name: nice for name, nice in niced.items() if nice != 0} == {}, niced
 
 
 def test_a_second_run_on_the_same_port_is_refused(rayllm_run, tmp_path: Path):
