@@ -112,18 +112,23 @@ def target_table(report: dict) -> str:
 def write_markdown(report: dict, path: Path, png_name: str | None) -> None:
     meta = report["meta"]
     load = meta["load"]
+    rounds = load.get("rounds", 1)
+    runs_per_level = rounds * load.get("repeat", 1)
     out = [
         f"# Serving stacks on one CPU machine: {meta['model_id']} ({meta['date']})",
         "",
         f"Machine: {meta['machine']}. Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         "",
         f"Each stack was started alone on `{meta['model_path']}` with the same vLLM engine arguments "
-        f"`{json.dumps(meta['engine_kwargs'])}`, loaded, and stopped before the next one. Load: "
+        f"`{json.dumps(meta['engine_kwargs'])}`, loaded, and stopped before the next one"
+        + (f"; that was done in {rounds} rounds, each starting with the next stack, so every stack ran "
+           "early and late in the run and the host's drifting background load falls on all alike"
+           if rounds > 1 else "") + ". Load: "
         f"`rayllm bench`, {'streaming' if load['stream'] else 'non-streaming'} {load['endpoint']}, "
         f"prompts of ~{load['input_len']} tokens, {load['output_len']} output tokens per request "
         f"(`ignore_eos`), closed loop at concurrency {', '.join(map(str, load['concurrency']))} with "
         f"{load['requests']} requests per level after a short warm-up, each level run "
-        f"{load.get('repeat', 1)} times; the table shows the run with the median throughput and the "
+        f"{runs_per_level} times in all; the table shows the run with the median throughput and the "
         "range of all runs.",
         "",
         comparison_table(report),
@@ -145,8 +150,11 @@ def write_markdown(report: dict, path: Path, png_name: str | None) -> None:
     out += ["", "## Stacks", ""]
     for stack, entry in report["stacks"].items():
         line = f"- **{stack}**: {entry['status']}"
-        if entry.get("startup_s") is not None:
-            line += f", ready {entry['startup_s']:.0f} s after launch"
+        startups = entry.get("startup_s")
+        if isinstance(startups, (int, float)):
+            startups = [startups]
+        if startups:
+            line += f", ready {', '.join(f'{s:.0f}' for s in startups)} s after launch"
         if entry.get("reason"):
             line += f" - {entry['reason']}"
         out.append(line)

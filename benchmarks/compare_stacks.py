@@ -2,7 +2,11 @@
 
 One stack at a time, on the same model folder with the same vLLM engine arguments, each
 stack is started, loaded with the same ``rayllm bench`` runs (one per concurrency level),
-and stopped. Results go to ``benchmarks/results/<date>-<model>.{md,json,png}``.
+and stopped. That is done in ``--rounds`` rounds (default 3), each starting with the next
+stack, and each level reports its median run over the rounds: on a shared host the
+background load drifts over minutes, and one stack always running first (or last) would
+carry that drift into the comparison. Results go to
+``benchmarks/results/<date>-<model>.{md,json,png}``.
 
     .venv/bin/python benchmarks/compare_stacks.py --model-path tiny --concurrency 1,4,16
     .venv/bin/python benchmarks/compare_stacks.py            # SmolLM2-135M-Instruct, 1,4,16,64
@@ -26,13 +30,10 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from rayllm_app.bench import BenchConfig, BenchResult  # noqa: E402
 from rayllm_app.ports import free_port  # noqa: E402
 from benchmarks.compare_report import PEER_STACKS, plot, write_markdown  # noqa: E402
+from benchmarks.stack_server import Server  # noqa: E402
 
 STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app")
 ALIASES = {"rayllm-serve-llm": "ray-serve-llm", "serve-llm": "ray-serve-llm", "vllm": "bare"}
@@ -197,89 +199,6 @@ def rayllm_run_available(main_python: Path) -> str | None:
     return "`rayllm run` is not available: " + (out.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-class Server:
-    """A stack process in its own process group, so every process it starts can be found and ended.
-
-    Not its own session: Linux's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``,
-    on here) shares the CPUs between sessions first, so a server in its own session gets at most
-    half of the 2 cores while the load generator wants the rest, however many processes it runs.
-    That hit the Ray stacks (router, replica, engine, Ray's own processes) far harder than bare
-    vLLM: rayllm-app's TTFT p50 at c=64 went from ~110 ms to 370-1,070 ms. A process group keeps
-    the server, the client and everything else in one scheduling group, as on a normal host.
-    """
-
-    def __init__(self, name: str, cmd: list[str], log_path: Path):
-        self.name, self.cmd, self.log_path = name, cmd, log_path
-        self.log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, process_group=0)
-        self.pgid = self.proc.pid
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-    def wait_ready(self, base_url: str, model_id: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        probe = json.dumps({"model": model_id, "prompt": "hello", "max_tokens": 1}).encode()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"exited with code {self.proc.returncode} while starting")
-            try:
-                with urllib.request.urlopen(base_url + "/models", timeout=5) as resp:
-                    ids = [m.get("id") for m in json.load(resp).get("data", [])]
-                if model_id in ids:
-                    req = urllib.request.Request(base_url + "/completions", data=probe,
-                                                 headers={"Content-Type": "application/json"})
-                    with urllib.request.urlopen(req, timeout=60) as resp:
-                        if resp.status == 200:
-                            return
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            time.sleep(2)
-        raise RuntimeError(f"not ready after {timeout:.0f}s")
-
-    def group_pids(self) -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(entry.name)) == self.pgid:
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
-
-    def stop(self, grace: float = 60.0) -> None:
-        """SIGTERM the stack, then whatever of its process group is left; SIGKILL as a last resort."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            left = self.group_pids()
-            if not left:
-                break
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            end = time.monotonic() + wait
-            while time.monotonic() < end and self.group_pids():
-                time.sleep(0.5)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.log_file.close()
-
-
 # --------------------------------------------------------------------------- load
 
 
@@ -316,11 +235,12 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
-def run_levels(stack: str, base_url: str, model_id: str, args, loads: dict) -> list[BenchResult]:
-    """One bench run per concurrency level. ``loads[c]`` records how busy the host was
-    just before (CPU fraction, with our idle server) and the 1-minute load average
-    before / after: the machine may be shared, and a busy host disturbs the numbers."""
-    results = []
+def run_levels(stack: str, base_url: str, model_id: str, args, attempts: dict, loads: dict,
+               round_no: int) -> None:
+    """``--repeat`` bench runs per concurrency level, added to ``attempts[c]``. ``loads[c]``
+    records how busy the host was just before (CPU fraction, with our idle server) and the
+    1-minute load average before / after, the worst over all rounds: the machine may be
+    shared, and a busy host disturbs the numbers."""
     for c in args.concurrency:
         cfg = BenchConfig(
             base_url=base_url, model=model_id, endpoint=args.endpoint, stream=args.stream,
@@ -329,21 +249,28 @@ def run_levels(stack: str, base_url: str, model_id: str, args, loads: dict) -> l
             warmup_requests=min(c, 4), max_duration=args.max_duration, request_timeout=args.max_duration,
             label=f"{stack} c={c}", progress=False, seed=c,
         )
-        log(f"{stack}: concurrency {c}, {cfg.num_requests} requests x {args.repeat}")
+        log(f"{stack}: concurrency {c}, {cfg.num_requests} requests x {args.repeat} (round {round_no})")
         busy = wait_for_quiet(args.quiet_cpu, args.quiet_wait) if args.quiet_wait > 0 else cpu_busy(1.0)
         before = os.getloadavg()[0]
-        attempts = []
         for attempt in range(args.repeat):
             result = bench_in_subprocess(cfg, args.main_python)
             log(f"{stack}: c={c} #{attempt + 1}: {result.output_throughput:.0f} out tok/s, TTFT p50 "
                 f"{result.ttft_ms.p50 or 0:.0f} ms, {result.failed} failed")
-            attempts.append(result)
-        loads[str(c)] = {"cpu_busy_before": round(busy, 3), "load1_before": round(before, 2),
-                         "load1_after": round(os.getloadavg()[0], 2),
-                         "repeats": [{"out_tok_s": round(r.output_throughput, 1),
-                                      "ttft_p50_ms": round(r.ttft_ms.p50 or 0, 1)} for r in attempts]}
-        results.append(median_run(attempts))
-    return results
+            attempts.setdefault(c, []).append(result)
+            load = loads.setdefault(str(c), {"cpu_busy_before": 0.0, "load1_before": 0.0, "load1_after": 0.0,
+                                             "repeats": []})
+            load["repeats"].append({"round": round_no, "out_tok_s": round(result.output_throughput, 1),
+                                    "ttft_p50_ms": round(result.ttft_ms.p50 or 0, 1)})
+        load["cpu_busy_before"] = max(load["cpu_busy_before"], round(busy, 3))
+        load["load1_before"] = max(load["load1_before"], round(before, 2))
+        load["load1_after"] = max(load["load1_after"], round(os.getloadavg()[0], 2))
+
+
+def stack_order(stacks: list[str], round_no: int) -> list[str]:
+    """Each round starts with the next stack, so no stack always runs first or last (the host's
+    background load drifts over minutes; a fixed order would hand one stack the same slot)."""
+    shift = round_no % len(stacks) if stacks else 0
+    return stacks[shift:] + stacks[:shift]
 
 
 def bench_in_subprocess(cfg: BenchConfig, python: Path) -> BenchResult:
@@ -367,6 +294,36 @@ def bench_in_subprocess(cfg: BenchConfig, python: Path) -> BenchResult:
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"rayllm bench failed ({done.returncode}): {done.stderr.strip()[-800:]}")
         return BenchResult.from_dict(json.loads(out.read_text())["runs"][0])
+
+
+def run_stack(stack: str, round_no: int, entry: dict, attempts: dict[int, list[BenchResult]], args, *,
+              model_id: str, folder: Path, workdir: Path, peers_python: Path, engine_kwargs: dict) -> None:
+    """Start one stack, run every level on it, stop it; a failure marks the stack failed."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    cmd = stack_command(stack, model_id=model_id, folder=folder, port=port, workdir=workdir,
+                        main_python=args.main_python, peers_python=peers_python, engine_kwargs=engine_kwargs)
+    entry["command"] = [c.replace(str(ROOT) + "/", "") for c in cmd]
+    if args.quiet_wait > 0:
+        wait_for_quiet(args.quiet_cpu, args.quiet_wait)
+    log_path = workdir / f"{stack}-round{round_no}.log"
+    log(f"starting {stack} (round {round_no} of {args.rounds}): log {log_path}")
+    t0 = time.monotonic()
+    server = Server(stack, cmd, log_path, cwd=ROOT, env=child_env())
+    try:
+        server.wait_ready(base_url, model_id, args.startup_timeout)
+        entry["startup_s"].append(round(time.monotonic() - t0, 1))
+        log(f"{stack} ready after {entry['startup_s'][-1]} s")
+        run_levels(stack, base_url, model_id, args, attempts, entry["host_load"], round_no)
+    except Exception as exc:  # noqa: BLE001 - record and go on with the next stack
+        entry["status"] = "failed"
+        entry["reason"] = f"round {round_no}: {type(exc).__name__}: {exc}"
+        entry["log_tail"] = server.tail()
+        log(f"{stack} failed: {exc}\n{entry['log_tail']}")
+    finally:
+        log(f"stopping {stack}")
+        server.stop()
+    time.sleep(3)  # let the OS hand memory and ports back before the next stack
 
 
 def median_run(attempts: list[BenchResult]) -> BenchResult:
@@ -394,8 +351,10 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--repeat", type=int, default=3,
-                   help="runs per level; the table shows the median run by throughput")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="start every stack this many times, in rotating order, and run all levels each "
+                        "time; the table shows each level's median run by throughput over all rounds")
+    p.add_argument("--repeat", type=int, default=1, help="runs per level in each round")
     p.add_argument("--max-duration", type=float, default=300.0, help="per level, seconds")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--quiet-wait", type=float, default=0.0,
@@ -453,14 +412,15 @@ def main(argv=None) -> int:
             "machine": f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}",
             "versions": {k: v for k, v in versions.items() if v},
             "load": {"endpoint": args.endpoint, "stream": args.stream, "input_len": args.input_len,
-                     "output_len": args.output_len, "concurrency": args.concurrency,
+                     "output_len": args.output_len, "concurrency": args.concurrency, "rounds": args.rounds,
                      "requests": args.num_requests
                      or f"max({args.min_requests}, {args.requests_factor} x concurrency)", "repeat": args.repeat},
         },
         "stacks": {},
     }
+    attempts: dict[str, dict[int, list[BenchResult]]] = {}
     for stack in args.stacks:
-        entry: dict = {"status": "skipped", "runs": []}
+        entry: dict = {"status": "skipped", "runs": [], "host_load": {}, "startup_s": []}
         report["stacks"][stack] = entry
         if stack == "rayllm-app":
             reason = rayllm_run_available(args.main_python)
@@ -468,32 +428,18 @@ def main(argv=None) -> int:
                 entry["reason"] = reason
                 log(f"skipping rayllm-app: {reason}")
                 continue
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}/v1"
-        cmd = stack_command(stack, model_id=model_id, folder=folder, port=port, workdir=workdir,
-                            main_python=args.main_python, peers_python=peers_python, engine_kwargs=engine_kwargs)
-        entry["command"] = [c.replace(str(ROOT) + "/", "") for c in cmd]
-        if args.quiet_wait > 0:
-            wait_for_quiet(args.quiet_cpu, args.quiet_wait)
-        log(f"starting {stack}: log {workdir / (stack + '.log')}")
-        t0 = time.monotonic()
-        server = Server(stack, cmd, workdir / f"{stack}.log")
-        try:
-            server.wait_ready(base_url, model_id, args.startup_timeout)
-            entry["startup_s"] = round(time.monotonic() - t0, 1)
-            log(f"{stack} ready after {entry['startup_s']} s")
-            entry["host_load"] = {}
-            entry["runs"] = [r.to_dict() for r in run_levels(stack, base_url, model_id, args, entry["host_load"])]
+        entry["status"] = "pending"
+        attempts[stack] = {}
+    for round_no in range(1, args.rounds + 1):
+        for stack in stack_order(args.stacks, round_no - 1):
+            if report["stacks"][stack]["status"] != "pending":
+                continue
+            run_stack(stack, round_no, report["stacks"][stack], attempts[stack], args, model_id=model_id,
+                      folder=folder, workdir=workdir, peers_python=peers_python, engine_kwargs=engine_kwargs)
+    for stack, entry in report["stacks"].items():
+        if entry["status"] == "pending":
             entry["status"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - record and go on with the next stack
-            entry["status"] = "failed"
-            entry["reason"] = f"{type(exc).__name__}: {exc}"
-            entry["log_tail"] = server.tail()
-            log(f"{stack} failed: {exc}\n{entry['log_tail']}")
-        finally:
-            log(f"stopping {stack}")
-            server.stop()
-        time.sleep(3)  # let the OS hand memory and ports back before the next stack
+            entry["runs"] = [median_run(attempts[stack][c]).to_dict() for c in args.concurrency]
 
     json_path = args.results_dir / f"{stem}.json"
     md_path = args.results_dir / f"{stem}.md"

@@ -50,6 +50,24 @@ def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
+class ChunkFramer:
+    """SSE frames of one stream's chunks, ``{**head, "choices": [...], "usage": ...}``.
+
+    The head (id, object, created, model) is the same in every chunk, so it is encoded once;
+    each chunk encodes only its choices. Byte for byte what ``sse({**head, ...})`` gives.
+    """
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        self.prefix = b"data: " + dumps(head)[:-1] + b',"choices":'
+
+    def frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None, with_usage: bool) -> bytes:
+        if with_usage:
+            return self.prefix + dumps(choices) + b',"usage":' + dumps(usage) + b"}\n\n"
+        return self.prefix + dumps(choices) + b"}\n\n"
+
+
 @dataclass
 class Prepared:
     """One prompt ready for the engine."""
@@ -250,6 +268,7 @@ class ModelServing:
         continuous = bool(include_usage and options.continuous_usage_stats)  # vLLM's per-chunk usage
         prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
         states = [ChoiceState() for _ in range(len(prepared) * request.n)]
+        framer = ChunkFramer(head)
         started = False
         try:
             async for position, deltas in self._streams(prepared, head["id"]):
@@ -265,7 +284,7 @@ class ModelServing:
                 if not choices:
                     continue
                 chunk_usage = usage(prompt_tokens, sum(s.tokens for s in states)) if continuous else None
-                frame = sse({**head, "choices": choices, **({"usage": chunk_usage} if include_usage else {})})
+                frame = framer.frame(choices, chunk_usage, include_usage)
                 if not started:
                     started = True
                     frame = opening() + frame

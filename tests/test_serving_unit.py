@@ -485,3 +485,41 @@ def test_no_logprobs_when_not_requested(make):
     assert "logprobs" not in engine.calls[0][1]
     chat = ChatCompletionResponse.model_validate_json(run(serving.chat(chat_request())))
     assert chat.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("usage_value, with_usage", [(None, False), (None, True),
+                                                     ({"prompt_tokens": 3, "completion_tokens": 2,
+                                                       "total_tokens": 5}, True)])
+def test_chunk_framer_matches_encoding_the_whole_chunk(usage_value, with_usage):
+    from rayllm_app.serving import ChunkFramer, sse
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": "m/ü \"q\"",
+            "system_fingerprint": None}
+    choices = [{"index": 0, "text": "héllo\n\"x\" ✓", "logprobs": None, "finish_reason": None},
+               {"index": 1, "text": "", "logprobs": None, "finish_reason": "length"}]
+    expected = sse({**head, "choices": choices, **({"usage": usage_value} if with_usage else {})})
+    assert ChunkFramer(head).frame(choices, usage_value, with_usage) == expected
+    assert json.loads(expected[len(b"data: "):])["choices"][0]["text"] == "héllo\n\"x\" ✓"
+
+
+def test_engine_drops_only_vllms_unread_prometheus_logger():
+    """The replica keeps its rayllm_ logger and vLLM's log lines; the Prometheus one goes."""
+    pytest.importorskip("vllm")
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    from rayllm_app.engine import _drop_unread_prometheus_logger
+
+    class Manager:
+        def __init__(self, loggers: list[Any]) -> None:
+            self.stat_loggers = loggers
+
+    class Engine:
+        def __init__(self, manager: Any) -> None:
+            self.logger_manager = manager
+
+    ours, logging_logger = object(), object()
+    prometheus = object.__new__(PrometheusStatLogger)
+    engine = Engine(Manager([ours, logging_logger, prometheus]))
+    _drop_unread_prometheus_logger(engine)
+    assert engine.logger_manager.stat_loggers == [ours, logging_logger]
+    _drop_unread_prometheus_logger(Engine(None))  # stats disabled: nothing to drop, no error
