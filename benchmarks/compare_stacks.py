@@ -252,13 +252,13 @@ def run_levels(stack: str, base_url: str, model_id: str, args, attempts: dict, l
         log(f"{stack}: concurrency {c}, {cfg.num_requests} requests x {args.repeat} (round {round_no})")
         busy = wait_for_quiet(args.quiet_cpu, args.quiet_wait) if args.quiet_wait > 0 else cpu_busy(1.0)
         before = os.getloadavg()[0]
+        load = loads.setdefault(str(c), {"cpu_busy_before": 0.0, "load1_before": 0.0, "load1_after": 0.0,
+                                         "repeats": []})
         for attempt in range(args.repeat):
             result = bench_in_subprocess(cfg, args.main_python)
             log(f"{stack}: c={c} #{attempt + 1}: {result.output_throughput:.0f} out tok/s, TTFT p50 "
                 f"{result.ttft_ms.p50 or 0:.0f} ms, {result.failed} failed")
             attempts.setdefault(c, []).append(result)
-            load = loads.setdefault(str(c), {"cpu_busy_before": 0.0, "load1_before": 0.0, "load1_after": 0.0,
-                                             "repeats": []})
             load["repeats"].append({"round": round_no, "out_tok_s": round(result.output_throughput, 1),
                                     "ttft_p50_ms": round(result.ttft_ms.p50 or 0, 1)})
         load["cpu_busy_before"] = max(load["cpu_busy_before"], round(busy, 3))
@@ -370,6 +370,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    if args.rounds < 1 or args.repeat < 1:
+        p.error("--rounds and --repeat must be at least 1")
     stacks = []
     for name in args.stacks.split(","):
         name = ALIASES.get(name.strip(), name.strip())

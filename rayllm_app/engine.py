@@ -104,7 +104,8 @@ class VLLMEngine:
         from rayllm_app.metrics import engine_stat_logger_factory
 
         logger.info("Starting vLLM for %s from %s", config.model_id, model_path)
-        # Our stat logger feeds the rayllm_ engine metrics; vLLM keeps its default loggers.
+        # Our stat logger feeds the rayllm_ engine metrics; vLLM keeps its log line, and its
+        # Prometheus logger, which nothing reads here, is dropped.
         stat_loggers = [engine_stat_logger_factory(config.model_id)]
         engine = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         _drop_unread_prometheus_logger(engine)

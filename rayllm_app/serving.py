@@ -299,7 +299,7 @@ class ModelServing:
         if not started and (frame := opening()):
             yield frame
         if include_usage:
-            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(s.tokens for s in states))}) + DONE
+            yield framer.frame([], usage(prompt_tokens, sum(s.tokens for s in states)), True) + DONE
         else:
             yield DONE
 
