@@ -94,6 +94,7 @@ class VLLMEngine:
     @classmethod
     def start(cls, config: ModelConfig, model_path: str) -> VLLMEngine:
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = build_engine_kwargs(config, model_path)
@@ -107,7 +108,11 @@ class VLLMEngine:
         # Our stat logger feeds the rayllm_ engine metrics; vLLM keeps its log line, and its
         # Prometheus logger, which nothing reads here, is dropped.
         stat_loggers = [engine_stat_logger_factory(config.model_id)]
-        engine = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
+        # As an OpenAI server, take `vllm serve`'s batch defaults: AsyncLLM's own default
+        # (the engine context) caps every GPU at 128 running sequences and 2,048 batched
+        # tokens, where `vllm serve` allows 256 (1,024 and 8,192 on H100-class GPUs).
+        engine = AsyncLLM.from_engine_args(
+            args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers)
         _drop_unread_prometheus_logger(engine)
         return cls(engine, config.model_id)
 

@@ -523,3 +523,31 @@ def test_engine_drops_only_vllms_unread_prometheus_logger():
     _drop_unread_prometheus_logger(engine)
     assert engine.logger_manager.stat_loggers == [ours, logging_logger]
     _drop_unread_prometheus_logger(Engine(None))  # stats disabled: nothing to drop, no error
+
+
+def test_engine_takes_vllm_serves_batch_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """AsyncLLM defaults to the engine context, whose batch limits are lower than `vllm serve`'s
+    on large GPUs; the replica is an OpenAI server and must say so."""
+    pytest.importorskip("vllm")
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from rayllm_app.config import parse_model_config
+    from rayllm_app.engine import VLLMEngine
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def from_engine_args(args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs, model=args.model)
+        raise Stop
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(from_engine_args))
+    config = parse_model_config({"engine_config": {"model_id": "m", "hf_model_id": "org/m"}})
+    with pytest.raises(Stop):
+        VLLMEngine.start(config, str(tmp_path))
+    assert seen["model"] == str(tmp_path)
+    assert seen["usage_context"] is UsageContext.OPENAI_API_SERVER
+    assert len(seen["stat_loggers"]) == 1
