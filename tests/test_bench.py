@@ -438,3 +438,23 @@ def test_smoke_against_real_server(openai_server):
     assert not math.isnan(comp.output_throughput)
     md = markdown_report([chat, comp])
     assert "| chat | yes | 2 |" in md and "| completions | no | 2 |" in md
+
+
+def test_decode_steps_groups_gaps_by_active_streams():
+    """benchmarks/decode_steps.py: gaps keyed by concurrent streams; prefill stalls left out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_steps.py"
+    spec = importlib.util.spec_from_file_location("decode_steps", path)
+    assert spec is not None and spec.loader is not None
+    decode_steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_steps)
+
+    alone = {"start": 0.0, "chunk_times": [0.0, 0.05, 0.10]}          # alone until t=1.0
+    together = [{"start": 1.0, "chunk_times": [0.0, 0.1, 0.2, 1.2]},  # last gap: a 1 s stall
+                {"start": 1.0, "chunk_times": [0.0, 0.1, 0.2]}]
+    grouped = decode_steps.decode_gaps_by_active({"requests": [alone, *together]}, bucket=1)
+    assert sorted(grouped) == [1, 2]
+    assert grouped[1] == pytest.approx([0.05, 0.05])
+    assert grouped[2] == pytest.approx([0.1, 0.1, 0.1, 0.1])
