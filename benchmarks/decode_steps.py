@@ -15,32 +15,34 @@ import argparse
 import bisect
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from rayllm_app.bench_report import RequestRecord
 
 PREFILL_STALL_S = 0.3  # longer gaps are waits behind other requests' prefills, not decode steps
 
 
-def load_run(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    run = data["runs"][0] if "runs" in data else data
-    if not run.get("requests"):
+def load_runs(path: Path) -> list[tuple[str, list[RequestRecord]]]:
+    """Each run of a `rayllm bench --output-json` file: its label and request records."""
+    runs = json.loads(path.read_text())["runs"]
+    if not all(run.get("requests") for run in runs):
         raise SystemExit(f"{path}: no per-request records; run `rayllm bench` with --save-requests")
-    return run
+    return [(run["label"], [RequestRecord(**r) for r in run["requests"]]) for run in runs]
 
 
-def decode_gaps_by_active(run: dict[str, Any], bucket: int = 4) -> dict[int, list[float]]:
+def decode_gaps_by_active(records: Sequence[RequestRecord], bucket: int = 4) -> dict[int, list[float]]:
     """Token gaps (seconds) keyed by the active-stream count at the gap's start, in buckets."""
     starts: list[float] = []
     ends: list[float] = []
     gaps: list[tuple[float, float]] = []
-    for record in run["requests"]:
-        times = [record["start"] + t for t in record["chunk_times"]]
-        if len(times) < 2:
+    for record in records:
+        if len(record.chunk_times) < 2:
             continue
-        starts.append(times[0])
-        ends.append(times[-1])
-        gaps.extend((a, b - a) for a, b in zip(times, times[1:]) if b - a <= PREFILL_STALL_S)
+        starts.append(record.start + record.chunk_times[0])
+        ends.append(record.start + record.chunk_times[-1])
+        gaps.extend((record.start + at, gap) for at, gap in zip(record.chunk_times, record.chunk_gaps())
+                    if gap <= PREFILL_STALL_S)
     starts.sort()
     ends.sort()
     grouped: dict[int, list[float]] = {}
@@ -56,13 +58,14 @@ def main() -> None:
     parser.add_argument("--bucket", type=int, default=4, help="active-stream bucket width")
     args = parser.parse_args()
     for path in args.runs:
-        grouped = decode_gaps_by_active(load_run(path), args.bucket)
-        every = [gap for gaps in grouped.values() for gap in gaps]
-        print(f"{path}: {len(every)} decode gaps, median {1000 * statistics.median(every):.1f} ms")
-        for active in sorted(grouped):
-            gaps = grouped[active]
-            print(f"  {active:3d}-{active + args.bucket - 1:<3d} active: {len(gaps):6d} gaps, "
-                  f"median {1000 * statistics.median(gaps):6.1f} ms")
+        for label, records in load_runs(path):
+            grouped = decode_gaps_by_active(records, args.bucket)
+            every = [gap for gaps in grouped.values() for gap in gaps]
+            print(f"{path} ({label}): {len(every)} decode gaps, median {1000 * statistics.median(every):.1f} ms")
+            for active in sorted(grouped):
+                gaps = grouped[active]
+                print(f"  {active:3d}-{active + args.bucket - 1:<3d} active: {len(gaps):6d} gaps, "
+                      f"median {1000 * statistics.median(gaps):6.1f} ms")
 
 
 if __name__ == "__main__":

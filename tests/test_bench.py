@@ -451,10 +451,10 @@ def test_decode_steps_groups_gaps_by_active_streams():
     decode_steps = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode_steps)
 
-    alone = {"start": 0.0, "chunk_times": [0.0, 0.05, 0.10]}          # alone until t=1.0
-    together = [{"start": 1.0, "chunk_times": [0.0, 0.1, 0.2, 1.2]},  # last gap: a 1 s stall
-                {"start": 1.0, "chunk_times": [0.0, 0.1, 0.2]}]
-    grouped = decode_steps.decode_gaps_by_active({"requests": [alone, *together]}, bucket=1)
+    alone = RequestRecord(0, True, start=0.0, chunk_times=[0.0, 0.05, 0.10])          # alone until t=1.0
+    together = [RequestRecord(1, True, start=1.0, chunk_times=[0.0, 0.1, 0.2, 1.2]),  # last gap: a 1 s stall
+                RequestRecord(2, True, start=1.0, chunk_times=[0.0, 0.1, 0.2])]
+    grouped = decode_steps.decode_gaps_by_active([alone, *together], bucket=1)
     assert sorted(grouped) == [1, 2]
     assert grouped[1] == pytest.approx([0.05, 0.05])
     assert grouped[2] == pytest.approx([0.1, 0.1, 0.1, 0.1])
