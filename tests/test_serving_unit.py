@@ -527,7 +527,7 @@ def test_engine_drops_only_vllms_unread_prometheus_logger():
 
 def test_engine_takes_vllm_serves_batch_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """AsyncLLM defaults to the engine context, whose batch limits are lower than `vllm serve`'s
-    on large GPUs; the replica is an OpenAI server and must say so."""
+    on every GPU; the replica is an OpenAI server and must say so."""
     pytest.importorskip("vllm")
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
