@@ -349,6 +349,7 @@
       try {
         for (;;) {
           const { value, done } = await reader.read();
+          if (signal.aborted) throw new DOMException("Stopped", "AbortError"); // nothing shows after Stop
           if (done) break;
           buffer += decoder.decode(value, { stream: true });
           let newline;
