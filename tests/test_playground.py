@@ -307,17 +307,19 @@ ESCAPE_WHEN_FIRST_ANSWER_STARTS = """() => {
 @pytest.mark.e2e
 def test_stop_cancels_every_stream(page, served_app):
     open_playground(page, served_app, "/playground")
-    choose_models(page, TINY_A, TINY_B)
+    # SmolLM2 needs ~20 s for 400 tokens here, so only an abort frees its engine within 10 s.
+    choose_models(page, TINY_A, DEFAULT_MODEL)
     set_params(page, "Count to a thousand.", max_tokens=400, extra=IGNORE_EOS)
     page.evaluate(ESCAPE_WHEN_FIRST_ANSWER_STARTS)
     page.get_by_role("button", name="Send").click()
     page.wait_for_function("() => window.__escapedAt", timeout=STREAM_TIMEOUT_MS)
     # Escape (wherever the focus is) stops every column at once, a streaming or a waiting one.
     assert "streaming" in page.evaluate("window.__escapedAt")
-    wait_states(page, [TINY_A, TINY_B], ("stopped",), timeout=5_000)
+    wait_states(page, [TINY_A, DEFAULT_MODEL], ("stopped",), timeout=5_000)
+    stopped_at = time.monotonic()
 
     time.sleep(1.5)
-    for model in (TINY_A, TINY_B):
+    for model in (TINY_A, DEFAULT_MODEL):
         col = column(page, model)
         assert col.locator("[data-role=state]").inner_text() == "stopped"
         assert metric(page, model, "finish") == "stopped"
@@ -332,8 +334,8 @@ def test_stop_cancels_every_stream(page, served_app):
     aborted = [url for url in page.watch.aborted if url.endswith("/v1/chat/completions")]
     assert len(aborted) == 2, page.watch.aborted
     # ...and the engines dropped the requests.
-    for model in (TINY_A, TINY_B):
-        deadline = time.monotonic() + 30
+    deadline = stopped_at + 10
+    for model in (TINY_A, DEFAULT_MODEL):
         running = engine_requests(model)
         while running and time.monotonic() < deadline:
             time.sleep(0.5)
