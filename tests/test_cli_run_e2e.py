@@ -83,9 +83,11 @@ def test_fast_path_streams_over_the_channel(rayllm_run):
 
 
 def _title(process) -> str:
+    import psutil
+
     try:
         return " ".join(process.cmdline()).strip()
-    except Exception:  # noqa: BLE001 - exited meanwhile: no title
+    except psutil.Error:  # exited meanwhile: no title
         return ""
 
 
@@ -95,8 +97,8 @@ def test_serving_and_engine_processes_run_at_normal_priority(rayllm_run):
     import psutil
 
     *_, pid = rayllm_run
-    replicas = {_title(p): p for p in psutil.Process(pid).children(recursive=True)
-                if _title(p).startswith("ray::ServeReplica")}
+    titled = {_title(p): p for p in psutil.Process(pid).children(recursive=True)}
+    replicas = {title: p for title, p in titled.items() if title.startswith("ray::ServeReplica")}
     router = next(p for title, p in replicas.items() if title.startswith("ray::ServeReplica:rayllm:router"))
     model = next(p for title, p in replicas.items() if title.startswith(f"ray::ServeReplica:rayllm:model-{MODEL}"))
     # The engine core and its worker are the model replica's children, whatever their title
