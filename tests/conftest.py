@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +189,39 @@ def wait_for_models(root_url: str, wanted: dict[str, str], timeout_s: float) -> 
             return health
         time.sleep(1)
     raise TimeoutError(f"models not in states {wanted} after {timeout_s}s: {health}")
+
+
+def engine_requests(model: str) -> int | None:
+    """Requests the model's engine still holds; None when this process does not drive the Ray
+    cluster (a test run against a server started elsewhere)."""
+    try:
+        import ray
+        from ray import serve
+
+        from rayllm_app.model_deployment import deployment_name
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+
+    def ask() -> int:
+        handle = serve.get_deployment_handle(deployment_name(model), app_name="rayllm")
+        return handle.num_unfinished_requests.remote().result(timeout_s=30)
+
+    # On a worker thread: Serve's blocking calls refuse a thread that runs an event loop, and
+    # Playwright's sync API keeps one on the test thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(ask).result()
+
+
+def wait_engine_idle(model: str, deadline: float) -> int | None:
+    """Poll until the model's engine holds no request or ``time.monotonic()`` passes the
+    deadline; returns what it still holds (0 when idle)."""
+    running = engine_requests(model)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.5)
+        running = engine_requests(model)
+    return running
 
 
 @dataclass

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, LIMITED_KEY, TINY_A, TINY_B
+from tests.conftest import DEFAULT_MODEL, LIMITED_KEY, TINY_A, TINY_B, wait_engine_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -24,24 +24,6 @@ def _post(served_app, path: str, body, headers: dict | None = None, **kwargs) ->
     else:
         kwargs["json"] = body
     return httpx.post(f"{served_app.base_url}{path}", headers={**served_app.headers, **(headers or {})}, **kwargs)
-
-
-def _engine_requests(model: str) -> int:
-    from ray import serve
-
-    from rayllm_app.model_deployment import deployment_name
-
-    handle = serve.get_deployment_handle(deployment_name(model), app_name="rayllm")
-    return handle.num_unfinished_requests.remote().result(timeout_s=30)
-
-
-def _wait_engine_idle(model: str, timeout_s: float = 20) -> int:
-    deadline = time.monotonic() + timeout_s
-    running = _engine_requests(model)
-    while running and time.monotonic() < deadline:
-        time.sleep(0.5)
-        running = _engine_requests(model)
-    return running
 
 
 # ------------------------------------------------------------------ auth
@@ -173,7 +155,7 @@ def test_client_disconnect_aborts_engine_requests(served_app):
     for _ in range(3):  # non-streaming: give up after 0.3 s
         with pytest.raises(httpx.TimeoutException):
             _post(served_app, "/chat/completions", body, timeout=0.3)
-    assert _wait_engine_idle(DEFAULT_MODEL) == 0
+    assert wait_engine_idle(DEFAULT_MODEL, time.monotonic() + 20) == 0
 
 
 def test_request_timeout_aborts_and_explains(served_app):
@@ -188,6 +170,6 @@ def test_request_timeout_aborts_and_explains(served_app):
         lines = [line for line in stream.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["error"]["code"] == "request_timeout"
-    assert _wait_engine_idle(DEFAULT_MODEL) == 0
+    assert wait_engine_idle(DEFAULT_MODEL, time.monotonic() + 20) == 0
     bad = _post(served_app, "/chat/completions", CHAT, headers={"X-Request-Timeout": "soon"})
     assert bad.status_code == 400

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, TINY_A, TINY_B
+from tests.conftest import DEFAULT_MODEL, TINY_A, TINY_B, wait_engine_idle
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -139,27 +138,6 @@ RECORD_METRICS = """() => {
   }).observe(document.querySelector('#results'),
              {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
-
-
-def engine_requests(model: str) -> int | None:
-    """Requests the model's engine still holds, when this process drives the Ray cluster."""
-    try:
-        import ray
-        from ray import serve
-
-        from rayllm_app.model_deployment import deployment_name
-    except ImportError:
-        return None
-    if not ray.is_initialized():
-        return None
-
-    def ask() -> int:
-        handle = serve.get_deployment_handle(deployment_name(model), app_name="rayllm")
-        return handle.num_unfinished_requests.remote().result(timeout_s=30)
-
-    # Playwright's sync API keeps an event loop on this thread; Serve's blocking calls refuse that.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(ask).result()
 
 
 # ------------------------------------------------------------------ tests
@@ -334,12 +312,8 @@ def test_stop_cancels_every_stream(page, served_app):
     aborted = [url for url in page.watch.aborted if url.endswith("/v1/chat/completions")]
     assert len(aborted) == 2, page.watch.aborted
     # ...and the engines dropped the requests.
-    deadline = stopped_at + 10
     for model in (TINY_A, DEFAULT_MODEL):
-        running = engine_requests(model)
-        while running and time.monotonic() < deadline:
-            time.sleep(0.5)
-            running = engine_requests(model)
+        running = wait_engine_idle(model, deadline=stopped_at + 10)
         assert not running, f"{model} still holds {running} request(s) after Stop"
     page.watch.check_clean()
 
