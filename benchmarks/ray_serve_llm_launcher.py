@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def build_llm_config(model_id: str, model_source: str, engine_kwargs: dict, num_cpus_per_worker: float = 1.0):
@@ -47,16 +48,17 @@ def enable_fast_path(host: str, port: int) -> int:
     """The same Ray Serve settings `rayllm run` uses (rayllm_app.cli._enable_fast_path): the
     ingress deployment listens on ``port`` itself, handles use gRPC, user code runs on the
     replica's loop. Set before Ray Serve is imported; returns a free port for Serve's proxy."""
-    import socket
-
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 100)
     os.environ["RAY_SERVE_DEFAULT_HTTP_HOST"] = host
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    # rayllm_app.ports is standard library only, so the peers virtualenv can import it from
+    # the checkout; not port 0, which Ray's own servers may take before the proxy binds it.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rayllm_app.ports import free_port
+
+    return free_port(host)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,16 +123,16 @@ def _enable_fast_path(host: str, port: int) -> int:
     Ray reads these variables when it starts, so they are set before ``ray.init``; the
     proxy Ray still runs on the head node moves to a free port.
     """
-    import socket
+    from rayllm_app.ports import free_port
 
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 100)
     os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", host)
-    with socket.socket() as sock:
-        sock.bind((host if host != "0.0.0.0" else "127.0.0.1", 0))
-        return sock.getsockname()[1]
+    # Not port 0: Ray binds the proxy's port only later, and its own servers take ports from
+    # the kernel's ephemeral range meanwhile (see rayllm_app.ports).
+    return free_port(host)
 
 
 def _client(args: argparse.Namespace):

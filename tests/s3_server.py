@@ -18,14 +18,10 @@ from pathlib import Path
 import boto3
 from boto3.s3.transfer import TransferConfig
 
+from rayllm_app.ports import free_port
+
 # moto accepts any credentials unless IAM authentication is switched on (see enforce_auth).
 FAKE_CREDENTIALS = {"aws_access_key_id": "AKIAFAKEMIRRORTEST", "aws_secret_access_key": "fake-secret-for-tests"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MotoS3Server:

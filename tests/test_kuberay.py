@@ -33,6 +33,7 @@ import yaml
 from rayllm_app import kuberay
 from rayllm_app.config import ConfigError, parse_model_config
 from rayllm_app.kuberay import RenderError, RenderOptions, check_worker_groups, render_rayservice
+from rayllm_app.ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -402,12 +403,6 @@ def test_resources_param_round_trip():
 # ---------------------------------------------------------------- e2e: deploy like KubeRay
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
@@ -442,8 +437,8 @@ class LocalRayCluster:
         self.env = {**inherited, **env, "RAYLLM_KUBERAY_E2E_MARKER": self.marker,
                     "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         self.procs: list[subprocess.Popen] = []
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
 
     @property
     def dashboard_url(self) -> str:
@@ -461,8 +456,8 @@ class LocalRayCluster:
             args += shlex.split(f"--{key}={value}")  # KubeRay's generated command goes through a shell
         args += ["--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                  "--min-worker-port=0", "--max-worker-port=0",
-                 f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                  "--object-store-memory=200000000"]
         return args
 
@@ -475,7 +470,7 @@ class LocalRayCluster:
     def start_head(self, group: dict) -> None:
         args = self._node_args(group) + [
             "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"]
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
         self._start("head", args)
         self._wait(lambda: _port_open(self.gcs_port), 90, "head GCS")
 
@@ -604,7 +599,7 @@ def test_rendered_manifest_serves_on_multinode_ray(tmp_path: Path, crd_validator
     # Test-only overrides: both nodes share this machine's loopback, so one proxy (on the
     # head, as KubeRay's head service routes to) on a free port instead of :8000 on every node.
     serve_config = serve_config_of(manifest)
-    http_port = _free_port()
+    http_port = free_port()
     serve_config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     serve_config["proxy_location"] = "HeadOnly"
     config_file = tmp_path / "serve-config.yaml"
