@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import random
+import sys
 import time
 
 import pytest
@@ -440,16 +441,23 @@ def test_smoke_against_real_server(openai_server):
     assert "| chat | yes | 2 |" in md and "| completions | no | 2 |" in md
 
 
-def test_decode_steps_groups_gaps_by_active_streams():
-    """benchmarks/decode_steps.py: gaps keyed by concurrent streams; prefill stalls left out."""
+def _benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_steps.py"
-    spec = importlib.util.spec_from_file_location("decode_steps", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    decode_steps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode_steps)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_steps_groups_gaps_by_active_streams():
+    """benchmarks/decode_steps.py: gaps keyed by concurrent streams; prefill stalls left out."""
+    decode_steps = _benchmark_script("decode_steps")
 
     alone = RequestRecord(0, True, start=0.0, chunk_times=[0.0, 0.05, 0.10])          # alone until t=1.0
     together = [RequestRecord(1, True, start=1.0, chunk_times=[0.0, 0.1, 0.2, 1.2]),  # last gap: a 1 s stall
@@ -458,3 +466,32 @@ def test_decode_steps_groups_gaps_by_active_streams():
     assert sorted(grouped) == [1, 2]
     assert grouped[1] == pytest.approx([0.05, 0.05])
     assert grouped[2] == pytest.approx([0.1, 0.1, 0.1, 0.1])
+
+
+def test_core_share_sums_time_per_thread_and_counts_preemptions():
+    """benchmarks/core_share.py on `perf script` lines: who held each core, who preempted whom."""
+    core_share = _benchmark_script("core_share")
+
+    def switch(cpu: int, ts: float, prev: int, state: str, nxt: int) -> str:
+        return (f"  comm {prev} [{cpu:03d}] {ts:.6f}: sched:sched_switch: prev_comm=a prev_pid={prev} prev_prio=120 "
+                f"prev_state={state} ==> next_comm=b next_pid={nxt} next_prio=120")
+
+    lines = [
+        switch(0, 10.0, 0, "R", 100),    # the worker starts on CPU 0
+        switch(0, 10.9, 100, "R", 200),  # preempted by 200 (still runnable)
+        switch(0, 11.0, 200, "S", 100),  # 200 sleeps, the worker runs again
+        switch(0, 12.0, 100, "R+", 200),
+        switch(1, 10.0, 0, "R", 300),
+        switch(1, 11.0, 300, "S", 0),    # a voluntary sleep is no preemption
+        switch(1, 12.0, 0, "R", 300),
+        "not a switch line",
+    ]
+    shares = core_share.parse_switches(lines)
+    assert shares.span_s == pytest.approx(2.0)
+    assert shares.held[0][100] == pytest.approx(1.9) and shares.held[0][200] == pytest.approx(0.1)
+    assert shares.top_thread(0) == 100 and shares.top_thread(1) == 300
+    assert shares.preempted_by[100] == {200: 2}
+    assert 300 not in shares.preempted_by
+    text = core_share.report(shares, {100: "VLLM::Worker (pid 100)"}, top=3)
+    assert "CPU 0: top thread VLLM::Worker (pid 100) held 95.0%, preempted 2 times (1/s)" in text
+    assert "idle" in text and "tid 200 (exited)" in text
