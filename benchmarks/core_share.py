@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cpu_per_process import add_load_arguments, bench_command  # a sibling script (benchmarks/)
+
 SWITCH = re.compile(r"\[(\d+)\]\s+([\d.]+): sched:sched_switch: prev_comm=.*? prev_pid=(\d+) prev_prio=\d+ "
                     r"prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+) ")
 IDLE_TID = 0
@@ -92,33 +94,29 @@ def report(shares: CoreShares, names: dict[int, str], top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--num-requests", type=int, default=128)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
+    add_load_arguments(parser, concurrency=64)
     parser.add_argument("--trace-after", type=float, default=30.0, help="seconds into the run to start tracing")
     parser.add_argument("--trace-for", type=float, default=20.0, help="seconds to trace")
     parser.add_argument("--top", type=int, default=10, help="threads to list per core")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_json, perf_data = Path(tmp) / "run.json", Path(tmp) / "perf.data"
-        bench = subprocess.Popen(
-            [sys.executable, "-m", "rayllm_app.cli", "bench", "--base-url", args.base_url, "--model", args.model,
-             "--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
-             "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--no-progress",
-             "--output-json", str(run_json)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        run_json, perf_data, bench_log = (Path(tmp) / name for name in ("run.json", "perf.data", "bench.log"))
+        # The client's messages go to a file: a pipe nobody reads while perf records could fill up.
+        with bench_log.open("w") as log:
+            bench = subprocess.Popen(bench_command(args, run_json), stdout=subprocess.DEVNULL, stderr=log)
+        launched = time.monotonic()
         try:
             time.sleep(args.trace_after)
             names = thread_names()
             traced = subprocess.run(["perf", "record", "-q", "-a", "-e", "sched:sched_switch", "-o", str(perf_data),
                                      "sleep", str(args.trace_for)], capture_output=True, text=True)
-            _, errors = bench.communicate(timeout=3600)
+            bench.wait(timeout=3600)
+            finished = time.monotonic()
         finally:
             if bench.poll() is None:
                 bench.kill()
+        errors = bench_log.read_text()
         if traced.returncode != 0:
             print(f"perf record failed (root or kernel.perf_event_paranoid <= 1 needed): {traced.stderr[-500:]}",
                   file=sys.stderr)
@@ -128,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         script = subprocess.run(["perf", "script", "-i", str(perf_data)], capture_output=True, text=True)
         run = json.loads(run_json.read_text())["runs"][0]
-    if run["duration_s"] < args.trace_after + args.trace_for:
-        print(f"warning: the run took {run['duration_s']:.0f} s, shorter than the trace window", file=sys.stderr)
+    load_from = finished - run["duration_s"] - launched  # the client starts up first
+    if load_from > args.trace_after or finished - launched < args.trace_after + args.trace_for:
+        print(f"warning: the load ran from {load_from:.0f} to {finished - launched:.0f} s after launch; the trace "
+              f"({args.trace_after:g} to {args.trace_after + args.trace_for:g} s) was not inside it: raise "
+              "--num-requests or move --trace-after", file=sys.stderr)
     print(f"c={args.concurrency}: {run['output_throughput']:.1f} out tok/s, ITL p50 {run['itl_ms']['p50']:.1f} ms, "
           f"p90 {run['itl_ms']['p90']:.1f} ms, TTFT p50 {run['ttft_ms']['p50']:.0f} ms")
     print(report(parse_switches(script.stdout.splitlines()), names, args.top))

@@ -33,26 +33,37 @@ def cpu_snapshot() -> dict[int, tuple[float, str]]:
     return snapshot
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_arguments(parser: argparse.ArgumentParser, *, concurrency: int) -> None:
+    """The one `rayllm bench` run these measurement scripts drive (see bench_command)."""
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=concurrency)
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--tokenizer", default=None, help="local tokenizer folder for exact prompt lengths")
+
+
+def bench_command(args: argparse.Namespace, output_json: Path) -> list[str]:
+    """`rayllm bench` with the load of add_load_arguments, its results written to output_json."""
+    cmd = [sys.executable, "-m", "rayllm_app.cli", "bench", "--base-url", args.base_url, "--model", args.model,
+           "--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
+           "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+           "--no-progress", "--output-json", str(output_json)]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_arguments(parser, concurrency=16)
     parser.add_argument("--top", type=int, default=8, help="processes to list")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
-        cmd = [sys.executable, "-m", "rayllm_app.cli", "bench", "--base-url", args.base_url, "--model", args.model,
-               "--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
-               "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-               "--no-progress", "--output-json", str(out)]
-        if args.tokenizer:
-            cmd += ["--tokenizer", args.tokenizer]
+        cmd = bench_command(args, out)
         before, started = cpu_snapshot(), time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True)
         wall, after = time.monotonic() - started, cpu_snapshot()
