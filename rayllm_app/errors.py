@@ -7,8 +7,6 @@ stream can turn it into an SSE error event.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
 
@@ -29,9 +27,6 @@ class OpenAIError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
-
-    def to_wire(self) -> "ErrorReply":
-        return ErrorReply(self.status_code, json.dumps(self.to_dict()).encode(), dict(self.headers))
 
 
 class InvalidRequestError(OpenAIError):
@@ -99,12 +94,3 @@ class EngineError(OpenAIError):
 def error_body(message: str, error_type: str, param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-@dataclass(frozen=True)
-class ErrorReply:
-    """An error as it travels from a model replica to the router: status and encoded body."""
-
-    status_code: int
-    body: bytes
-    headers: dict[str, str]

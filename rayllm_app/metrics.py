@@ -9,10 +9,11 @@ and keeps samples of different nodes and processes apart with ``node`` and ``wor
 
 What records what:
 
-* the model replica's serving code, per request (:class:`ModelMetrics`, :class:`RequestTimer`):
-  ``rayllm_requests_total{source="replica"}``, TTFT, inter-token latency, end-to-end latency;
-* vLLM's stat logger hook, per engine step (:func:`engine_stat_logger_factory`): tokens,
-  running/queued requests, KV-cache usage, prefix-cache queries/hits, preemptions;
+* the model replica, per request (:class:`ModelMetrics`, :class:`RequestTimer`):
+  ``rayllm_requests_total{source="replica"}`` and end-to-end latency;
+* vLLM's stat logger hook, per engine step (:func:`engine_stat_logger_factory`): time to
+  first token, inter-token latency, tokens, running/queued requests, KV-cache usage,
+  prefix-cache queries/hits, preemptions;
 * the router, for requests it answers itself (:func:`record_router_request`):
   ``rayllm_requests_total{source="router"}``.
 
@@ -25,7 +26,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,10 @@ METRICS: dict[str, tuple] = {
         "replica) or router (answered by the router without reaching a replica).",
         ("model", "status", "source")),
     "rayllm_time_to_first_token_seconds": (
-        "histogram", "Time from the replica receiving a request to its first generated token.",
+        "histogram", "Time from the engine receiving a request to its first generated token.",
         ("model",), TTFT_BUCKETS),
     "rayllm_inter_token_latency_seconds": (
-        "histogram", "Time between generated tokens of one sequence (a chunk's gap split over "
-        "its tokens).", ("model",), ITL_BUCKETS),
+        "histogram", "Time between generated tokens of one sequence, as the engine timed them.", ("model",), ITL_BUCKETS),
     "rayllm_e2e_request_latency_seconds": (
         "histogram", "Time from the replica receiving a request to its last byte, successful "
         "requests only.", ("model",), E2E_BUCKETS),
@@ -132,46 +132,19 @@ class ModelMetrics:
 
 
 class RequestTimer:
-    """Timing of one request: feed it each chunk of engine output, then finish it once.
+    """One request in a replica: its status (200 until told otherwise) and end-to-end time.
 
-    ``chunk`` is on the hot path: one clock read and, per new token, one histogram
-    observation (about 2-3 µs each in a Ray worker).
+    Time to first token and inter-token latency come from vLLM's own per-step stats
+    (:class:`EngineStats`), which time every sequence of every request in the engine.
     """
 
-    __slots__ = ("metrics", "start", "first", "last", "status", "done")
+    __slots__ = ("metrics", "start", "status", "done")
 
     def __init__(self, metrics: ModelMetrics) -> None:
         self.metrics = metrics
         self.start = time.perf_counter()
-        self.first: float | None = None
-        self.last: dict[int, float] = {}  # prompt position -> time of its previous token
         self.status = 200
         self.done = False
-
-    def chunk(self, position: int, deltas: Sequence[Any]) -> None:
-        """One engine output of prompt ``position``: deltas of its choices (``num_tokens`` each).
-
-        Choices of one prompt advance together, so the chunk's tokens per sequence is the
-        largest ``num_tokens``; each of them gets an inter-token latency of gap / tokens.
-        """
-        if len(deltas) == 1:
-            tokens = deltas[0].num_tokens
-        else:
-            tokens = max((d.num_tokens for d in deltas), default=0)
-        if not tokens:
-            return
-        now = time.perf_counter()
-        previous = self.last.get(position)
-        self.last[position] = now
-        metrics = self.metrics
-        if previous is None:
-            if self.first is None:
-                self.first = now
-                metrics.ttft.observe(now - self.start, tags=metrics.tags)
-            return
-        itl = (now - previous) / tokens
-        for _ in range(tokens):
-            metrics.itl.observe(itl, tags=metrics.tags)
 
     def finish(self, status: int | None = None) -> None:
         if self.done:
@@ -181,50 +154,6 @@ class RequestTimer:
             self.metrics.finished(self.status if status is None else status, time.perf_counter() - self.start)
         except Exception:  # noqa: BLE001 - metrics never fail a request
             logger.exception("recording request metrics failed")
-
-
-def record_request(method: Callable) -> Callable:
-    """Wrap ``async def method(self, request, timer) -> bytes | ErrorReply`` of ModelServing:
-    the wrapper takes ``(self, request)``, times the request and counts its status."""
-    import functools
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any) -> Any:
-        timer = self.metrics.start()
-        try:
-            result = await method(self, request, timer)
-        except BaseException as error:
-            timer.finish(status_of(error))
-            raise
-        timer.finish(getattr(result, "status_code", None))
-        return result
-
-    return wrapper
-
-
-def record_stream(method: Callable) -> Callable:
-    """Like :func:`record_request` for an async generator of ``bytes | ErrorReply``: an
-    ErrorReply (before the first byte) or ``timer.status`` set mid-stream gives the status."""
-    import functools
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any) -> Any:
-        timer = self.metrics.start()
-        stream = method(self, request, timer)
-        try:
-            async for item in stream:
-                if not isinstance(item, bytes):
-                    timer.status = getattr(item, "status_code", 500)
-                yield item
-        except BaseException as error:
-            if timer.status == 200:
-                timer.status = status_of(error)
-            raise
-        finally:
-            timer.finish()
-            await stream.aclose()
-
-    return wrapper
 
 
 # ---------------------------------------------------------------- the router
@@ -265,6 +194,8 @@ class EngineStats:
         self.prefix_queries = metric("rayllm_prefix_cache_queries_total")
         self.prefix_hits = metric("rayllm_prefix_cache_hits_total")
         self.preemptions = metric("rayllm_preemptions_total")
+        self.ttft = metric("rayllm_time_to_first_token_seconds")
+        self.itl = metric("rayllm_inter_token_latency_seconds")
         self._last: tuple[int, int, float] | None = None
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
@@ -277,6 +208,10 @@ class EngineStats:
                 self.generation_tokens.inc(iteration_stats.num_generation_tokens, tags=tags)
             if iteration_stats.num_preempted_reqs > 0:
                 self.preemptions.inc(iteration_stats.num_preempted_reqs, tags=tags)
+            for seconds in iteration_stats.time_to_first_tokens_iter:
+                self.ttft.observe(seconds, tags=tags)
+            for seconds in iteration_stats.inter_token_latencies_iter:
+                self.itl.observe(seconds, tags=tags)
         if scheduler_stats is not None:
             state = (scheduler_stats.num_running_reqs,
                      scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -14,51 +15,76 @@ from ray.serve.deployment import Application
 
 from rayllm_app.config import ModelConfig, parse_model_config
 from rayllm_app.engine_guard import start_guard
-from rayllm_app.errors import ErrorReply
-from rayllm_app.protocol import ChatCompletionRequest, CompletionRequest
+from rayllm_app.http_forward import ForwardedRequest, Reply
+from rayllm_app.metrics import ModelMetrics, status_of
+from rayllm_app.request_defaults import RequestDefaults
 from rayllm_app.stream_channel import ChannelRequest, ReplicaChannelServer, Ticket
 
 logger = logging.getLogger(__name__)
 
 
 class ModelServer:
-    """A replica: fetch the weights, start the engine, answer OpenAI requests as bytes."""
+    """A replica: fetch the weights, start the engine, answer forwarded HTTP requests with
+    vLLM's own OpenAI application."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:
         self.timings: dict[str, float] = {"constructor_start": time.time()}
         from rayllm_app.engine import VLLMEngine
         from rayllm_app.model_source import resolve_model_path
-        from rayllm_app.serving import ModelServing
 
         self.config = parse_model_config(config, f"model '{config.get('engine_config', {}).get('model_id')}'")
         self.timings["imports_done"] = time.time()
-        model_path = resolve_model_path(self.config, _current_placement_group())
+        model_path = await asyncio.to_thread(resolve_model_path, self.config, _current_placement_group())
         self.timings["weights_ready"] = time.time()
-        self.engine = VLLMEngine.start(self.config, model_path)
-        self.serving = ModelServing(self.config, self.engine)
+        self.engine = await VLLMEngine.start(self.config, model_path)
+        self.defaults = RequestDefaults(self.config.engine_config.generation)
+        self.metrics = ModelMetrics(self.config.model_id)
         self._guard = start_guard(self.engine.child_pids())  # the engine dies with this replica
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
         self.timings["engine_ready"] = time.time()
         logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)
 
-    async def chat(self, request: ChatCompletionRequest) -> bytes | ErrorReply:
-        return await self.serving.chat(request)
+    async def forward(self, request: ForwardedRequest) -> Reply:
+        """A whole answer (the router did not ask for a stream)."""
+        reply: Reply | None = None
+        body = bytearray()
+        async for item in self._serve(request):
+            if isinstance(item, Reply):
+                reply = item
+                body += item.body
+            else:
+                body += item
+        assert reply is not None
+        return Reply(reply.status_code, bytes(body), reply.headers) if len(body) != len(reply.body) else reply
 
-    async def completion(self, request: CompletionRequest) -> bytes | ErrorReply:
-        return await self.serving.completion(request)
-
-    async def chat_stream(self, request: ChatCompletionRequest, channel: ChannelRequest | None = None
-                          ) -> AsyncIterator[bytes | ErrorReply | Ticket]:
-        async for item in self._deliver(self.serving.chat_stream(request), channel):
+    async def forward_stream(self, request: ForwardedRequest, channel: ChannelRequest | None = None
+                             ) -> AsyncIterator[Reply | bytes | Ticket]:
+        """The answer as it is produced: its Reply (status, headers, first bytes), then bytes."""
+        async for item in self._deliver(self._serve(request), channel):
             yield item
 
-    async def completion_stream(self, request: CompletionRequest, channel: ChannelRequest | None = None
-                                ) -> AsyncIterator[bytes | ErrorReply | Ticket]:
-        async for item in self._deliver(self.serving.completion_stream(request), channel):
-            yield item
+    async def _serve(self, request: ForwardedRequest) -> AsyncIterator[Reply | bytes]:
+        """vLLM's answer to one request, counted in the replica's request metrics."""
+        if self.defaults.active:
+            request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
+        timer = self.metrics.start()
+        items = self.engine.handle(request)
+        try:
+            async for item in items:
+                if isinstance(item, Reply):
+                    timer.status = item.status_code
+                elif item.startswith(b'data: {"error"'):
+                    timer.status = 500  # failed after the stream began; the client saw a 200
+                yield item
+        except BaseException as error:
+            timer.status = status_of(error)
+            raise
+        finally:
+            timer.finish()
+            await items.aclose()
 
-    async def _deliver(self, items: AsyncIterator[bytes | ErrorReply], channel: ChannelRequest | None
-                       ) -> AsyncIterator[bytes | ErrorReply | Ticket]:
+    async def _deliver(self, items: AsyncIterator[Reply | bytes], channel: ChannelRequest | None
+                       ) -> AsyncIterator[Reply | bytes | Ticket]:
         """Yield the stream over Ray, or, when the router asked for the stream channel,
         yield only its ticket and send the bytes on the channel (see stream_channel)."""
         server = await self._channel_server() if channel is not None else None
@@ -111,7 +137,7 @@ class ModelServer:
             engine.shutdown()
 
 
-async def _pump(items: AsyncIterator[bytes | ErrorReply], server: ReplicaChannelServer,
+async def _pump(items: AsyncIterator[Reply | bytes], server: ReplicaChannelServer,
                 request: ChannelRequest) -> None:
     try:
         async for item in items:

@@ -30,6 +30,7 @@ class ModelSpec:
     strategy: str
     pg_timeout_s: float
     cold_start_timeout_s: float
+    max_n: int | None = None
 
 
 @dataclass

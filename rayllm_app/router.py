@@ -1,8 +1,9 @@
 """The router: a FastAPI ingress that serves the OpenAI API and dispatches by ``model``.
 
-It validates requests, answers ``/v1/models`` from the configs (never waking a model),
-and forwards each request to its model's deployment, passing the replica's bytes
-straight through to the client.
+It checks keys and limits, answers ``/v1/models`` from the configs (never waking a
+model), and forwards every other API request (method, path, the headers that matter,
+the body bytes) to the deployment of the model the body names. The model's replica
+answers it with vLLM's own OpenAI application; its bytes pass straight through.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rayllm_app.auth import ApiKey, KeyStore
 from rayllm_app.errors import (
     EngineError,
-    ErrorReply,
     InvalidRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -33,6 +35,7 @@ from rayllm_app.errors import (
     RequestTimeoutError,
     error_body,
 )
+from rayllm_app.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply
 from rayllm_app.metrics import collect_prometheus_text, record_router_request
 from rayllm_app.middleware import (
     BodySizeLimitMiddleware,
@@ -42,13 +45,12 @@ from rayllm_app.middleware import (
 from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.playground import mount_playground
 from rayllm_app.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
+    ENDPOINT_CAPABILITIES,
+    FORWARDED_BODY_SCHEMA,
     ErrorResponse,
     ModelCard,
     ModelList,
+    peek_body,
 )
 from rayllm_app.settings import RouterSettings
 from rayllm_app.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
@@ -59,6 +61,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)
 }
+FORWARDED_OPENAPI = {"requestBody": {"required": True,
+                                     "content": {"application/json": {"schema": FORWARDED_BODY_SCHEMA}}}}
+RESPONSE_IDS_KEPT = 100_000  # response id -> model, for GET /v1/responses/{id}
 
 app = FastAPI(
     title="rayllm-app",
@@ -182,11 +187,24 @@ def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
     target.add_middleware(RequestIdMiddleware)
 
 
-def _reply(result: bytes | ErrorReply) -> Response:
-    if isinstance(result, ErrorReply):
-        return Response(result.body, status_code=result.status_code, headers=result.headers,
-                        media_type="application/json")
-    return Response(result, media_type="application/json")
+def _reply(reply: Reply) -> Response:
+    return Response(reply.body, status_code=reply.status_code, headers=reply.headers)
+
+
+def _forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
+    headers = request.headers
+    return tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers)
+
+
+def _with_response_id(raw: bytes, data: dict[str, Any]) -> tuple[bytes, str]:
+    """A /v1/responses body and its response id: the client's ``request_id``, or one we add
+    (spliced into the bytes), so the router knows which model holds the stored response."""
+    given = data.get("request_id")
+    if isinstance(given, str) and given:
+        return raw, given
+    response_id = f"resp_{uuid.uuid4().hex}"
+    start = raw.index(b"{") + 1  # the body is a JSON object with at least "model"
+    return raw[:start] + b'"request_id":' + json.dumps(response_id).encode() + b"," + raw[start:], response_id
 
 
 class _ModelCalls:
@@ -194,9 +212,8 @@ class _ModelCalls:
     a new handle each time (about 3% of the router's CPU when done per request)."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
-        self.unary = {m: getattr(handle, m) for m in ("chat", "completion")}
-        streaming = handle.options(stream=True)
-        self.streaming = {m: getattr(streaming, f"{m}_stream") for m in ("chat", "completion")}
+        self.unary = handle.forward
+        self.streaming = handle.options(stream=True).forward_stream
 
 
 @serve.deployment(
@@ -214,13 +231,21 @@ class Router:
         install_middleware(app, self.settings)
         self.cards = [ModelCard.model_validate(card) for card in cards]
         self.handles = {card.id: _ModelCalls(handle) for card, handle in zip(self.cards, handles)}
+        self.capabilities = {card.id: frozenset(card.metadata.get("capabilities") or ()) for card in self.cards}
+        self.max_n = {spec["model_id"]: spec.get("max_n") for spec in specs}
+        self.response_models: OrderedDict[str, str] = OrderedDict()
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
         self.status.start()
         self.channels = RouterChannels() if self.settings.stream_channel else None
 
     def _caller(self, request: Request) -> ApiKey | None:
-        return self.keys.authenticate(request.headers.get("authorization"))
+        """The caller's key: ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
+        headers = request.headers
+        authorization = headers.get("authorization")
+        if authorization is None and (api_key := headers.get("x-api-key")):
+            authorization = f"Bearer {api_key}"
+        return self.keys.authenticate(authorization)
 
     def _handle(self, model: str, caller: ApiKey | None) -> _ModelCalls:
         self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
@@ -286,13 +311,54 @@ class Router:
                 return card
         raise ModelNotFoundError(model_id, [m for m in self.handles if caller is None or caller.allows(m)])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._dispatch(body, "chat", self._caller(request), self._timeout(request))
+    # Forwarded endpoints: vLLM's OpenAI layer in the model's replica answers them.
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._dispatch(body, "completion", self._caller(request), self._timeout(request))
+    @app.post("/v1/completions", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/responses", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def responses(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def retrieve_response(self, response_id: str, request: Request) -> Response:
+        return await self._forward_stored_response(request, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=ERROR_RESPONSES)
+    async def cancel_response(self, response_id: str, request: Request) -> Response:
+        return await self._forward_stored_response(request, response_id)
+
+    @app.post("/v1/messages", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def messages(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/messages/count_tokens", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def count_message_tokens(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def embeddings(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/score", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def score(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/rerank", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def rerank(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request)
 
     def _timeout(self, request: Request) -> float | None:
         """The router's request_timeout_s, lowered per request by an `X-Request-Timeout: <s>` header."""
@@ -309,33 +375,85 @@ class Router:
                                       param="X-Request-Timeout")
         return min(asked, limit) if limit else asked
 
-    async def _dispatch(self, body: ChatCompletionRequest | CompletionRequest, method: str,
-                        caller: ApiKey | None, timeout: float | None) -> Response:
-        handle = self._handle(body.model, caller)
-        if not body.stream:
-            response = handle.unary[method].remote(body)
-            call = self._through_cold_start(body.model, response)
+    async def _forward(self, request: Request) -> Response:
+        """Route a request by its body's ``model`` to that model's replicas."""
+        caller = self._caller(request)
+        timeout = self._timeout(request)
+        path = request.url.path
+        raw = await request.body()
+        peek = peek_body(raw)
+        handle = self._handle(peek.model, caller)
+        self._check_serves(peek.model, path, peek.n)
+        if path == "/v1/responses":
+            raw, response_id = _with_response_id(raw, peek.data)
+            self._remember_response(response_id, peek.model)
+        forwarded = ForwardedRequest("POST", path, raw, request.url.query, _forwarded_headers(request))
+        return await self._dispatch(forwarded, peek.model, peek.stream, handle, timeout)
+
+    def _check_serves(self, model: str, path: str, n: Any) -> None:
+        """A clear 400 for an endpoint the model does not serve, or an ``n`` above its limit."""
+        capabilities = self.capabilities[model]
+        if ENDPOINT_CAPABILITIES[path] not in capabilities:
+            served = sorted(p for p, needed in ENDPOINT_CAPABILITIES.items() if needed in capabilities)
+            raise InvalidRequestError(
+                f"Model '{model}' does not serve {path}; it serves {', '.join(served) or 'no endpoint'} "
+                f"(capabilities: {', '.join(sorted(capabilities))}). Send this request to a model whose "
+                "card in GET /v1/models lists the capability it needs.", param="model", code="unsupported_endpoint")
+        limit = self.max_n[model]
+        if limit is not None and isinstance(n, int) and not isinstance(n, bool) and n > limit:
+            raise InvalidRequestError(f"n must be at most {limit} for model '{model}'.", param="n")
+
+    def _remember_response(self, response_id: str, model: str) -> None:
+        self.response_models[response_id] = model
+        self.response_models.move_to_end(response_id)
+        while len(self.response_models) > RESPONSE_IDS_KEPT:
+            self.response_models.popitem(last=False)
+
+    async def _forward_stored_response(self, request: Request, response_id: str) -> Response:
+        """GET or cancel a stored response: at the model that answered it, where the router
+        remembers it; otherwise every model that serves responses is asked in turn (a router
+        restarted, or another router took the request)."""
+        caller = self._caller(request)
+        timeout = self._timeout(request)
+        known = self.response_models.get(response_id)
+        candidates = [known] if known else [
+            m for m, caps in self.capabilities.items() if "responses" in caps and (caller is None or caller.allows(m))]
+        forwarded = ForwardedRequest(request.method, request.url.path, b"", request.url.query,
+                                     _forwarded_headers(request))
+        response: Response | None = None
+        for model in candidates:
+            response = await self._dispatch(forwarded, model, False, self._handle(model, caller), timeout)
+            if response.status_code != 404:
+                return response
+        return response or error_response(InvalidRequestError(
+            f"Response '{response_id}' not found.", code="response_not_found"), None)
+
+    async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool,
+                        handle: _ModelCalls, timeout: float | None) -> Response:
+        if not stream:
+            response = handle.unary.remote(forwarded)
+            call = self._through_cold_start(model, response)
             try:
                 result = await (asyncio.wait_for(call, timeout) if timeout else call)
             except asyncio.TimeoutError:
                 response.cancel()  # aborts the engine request
-                return error_response(RequestTimeoutError(timeout or 0), body.model)
+                return error_response(RequestTimeoutError(timeout or 0), model)
             except asyncio.CancelledError:  # the client went away
                 response.cancel()
                 raise
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
-                return error_response(_translate_serve_error(error, body.model), body.model)
+                return error_response(_translate_serve_error(error, model), model)
             return _reply(result)
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
         sub = self.channels.open() if self.channels is not None else None
         try:
-            stream, first = await self._open_stream(handle, method, body, sub, timeout)
+            stream_call, first = await self._open_stream(handle, forwarded, model, sub, timeout)
             if isinstance(first, Ticket):
-                first = await self._first_on_channel(stream, first, sub, body, deadline, timeout)
+                first = await self._first_on_channel(stream_call, first, sub, model, deadline, timeout)
                 if first is None:  # the replica's channel is unreachable: stream this one over Ray
                     self.channels.close(sub)
                     sub = None
-                    stream, first = await self._open_stream(handle, method, body, None, timeout)
+                    stream_call, first = await self._open_stream(handle, forwarded, model, None, timeout)
             elif sub is not None:  # the replica streams over Ray (it has no channel)
                 self.channels.close(sub)
                 sub = None
@@ -343,29 +461,33 @@ class Router:
             if sub is not None:
                 self.channels.close(sub)
             if isinstance(error, OpenAIError):
-                return error_response(error, body.model)
+                return error_response(error, model)
             raise
-        if isinstance(first, ErrorReply):
-            stream.cancel()
+        if not isinstance(first, Reply):
+            stream_call.cancel()
+            if sub is not None:
+                self.channels.close(sub)
+            return error_response(EngineError(f"Model '{model}' answered without a reply head."), model)
+        if not (first.is_stream and first.status_code == 200):  # an error, or a whole answer
+            stream_call.cancel()
             if sub is not None:
                 self.channels.close(sub)
             return _reply(first)
-        relay = (self._relay(first, stream, body.model, deadline, timeout) if sub is None
-                 else self._relay_channel(first, stream, sub, body.model, deadline, timeout))
-        return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+        relay = (self._relay(first.body, stream_call, model, deadline, timeout) if sub is None
+                 else self._relay_channel(first.body, stream_call, sub, model, deadline, timeout))
+        return StreamingResponse(relay, headers={**first.headers, **SSE_HEADERS},
+                                 media_type=first.headers.get("content-type"))
 
-    async def _open_stream(self, handle: _ModelCalls, method: str,
-                           body: ChatCompletionRequest | CompletionRequest, sub: Subscription | None,
-                           timeout: float | None) -> tuple[Any, Any]:
-        """Start the streaming call and wait for its first item (ticket, bytes or ErrorReply)."""
-        args = (body, sub.request) if sub is not None else (body,)
-        stream = handle.streaming[method].remote(*args)
-        first_item = self._through_cold_start(body.model, stream.__anext__())
-        return stream, await _first_of(stream, first_item, body.model, timeout)
+    async def _open_stream(self, handle: _ModelCalls, forwarded: ForwardedRequest, model: str,
+                           sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
+        """Start the streaming call and wait for its first item (ticket or Reply)."""
+        args = (forwarded, sub.request) if sub is not None else (forwarded,)
+        stream = handle.streaming.remote(*args)
+        first_item = self._through_cold_start(model, stream.__anext__())
+        return stream, await _first_of(stream, first_item, model, timeout)
 
-    async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription,
-                                body: ChatCompletionRequest | CompletionRequest,
-                                deadline: float | None, timeout: float | None) -> bytes | ErrorReply | None:
+    async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription, model: str,
+                                deadline: float | None, timeout: float | None) -> Reply | bytes | None:
         """Join the replica's channel and wait for the stream's first frame; None if the
         replica's channel cannot be reached (the call is cancelled, nothing was sent)."""
         loop = asyncio.get_running_loop()
@@ -376,11 +498,11 @@ class Router:
         except ChannelClosed:
             stream.cancel()
             return None
-        sub.watch(_watch_call(stream, sub, body.model))
-        first = await _first_of(stream, sub.get(), body.model, timeout,
+        sub.watch(_watch_call(stream, sub, model))
+        first = await _first_of(stream, sub.get(), model, timeout,
                                 limit=max(deadline - loop.time(), 0) if deadline else None)
         if first is None:
-            raise EngineError(f"Model '{body.model}' ended the stream without output.")
+            raise EngineError(f"Model '{model}' ended the stream without output.")
         return first
 
     async def _relay_channel(self, first: bytes, stream: Any, sub: Subscription, model: str,

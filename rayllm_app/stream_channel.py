@@ -29,11 +29,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from rayllm_app.errors import ErrorReply
+from rayllm_app.http_forward import Reply
 
 logger = logging.getLogger(__name__)
 
-HELLO = b"RAYLLM-STREAM/1\n"
+HELLO = b"RAYLLM-STREAM/2\n"
 ROUTER_ID_BYTES = 16
 FRAME = struct.Struct("!QBI")
 DATA, REPLY, END = 0, 1, 2
@@ -63,14 +63,19 @@ class ChannelClosed(ConnectionError):
     """The connection between a replica and a router is gone (or was never made)."""
 
 
-def _encode_reply(reply: ErrorReply) -> bytes:
-    return json.dumps({"status": reply.status_code, "headers": reply.headers,
-                       "body": reply.body.decode("utf-8", "replace")}).encode()
+_HEAD_LENGTH = struct.Struct("!I")
 
 
-def _decode_reply(payload: bytes) -> ErrorReply:
-    fields = json.loads(payload)
-    return ErrorReply(fields["status"], fields["body"].encode(), fields["headers"])
+def _encode_reply(reply: Reply) -> bytes:
+    """A REPLY frame's payload: the length of the JSON head (status, headers), the head, the body."""
+    head = json.dumps({"status": reply.status_code, "headers": reply.headers}).encode()
+    return _HEAD_LENGTH.pack(len(head)) + head + reply.body
+
+
+def _decode_reply(payload: bytes) -> Reply:
+    (length,) = _HEAD_LENGTH.unpack_from(payload)
+    fields = json.loads(payload[_HEAD_LENGTH.size:_HEAD_LENGTH.size + length])
+    return Reply(fields["status"], payload[_HEAD_LENGTH.size + length:], fields["headers"])
 
 
 # ------------------------------------------------------------------- the replica's side
@@ -179,8 +184,8 @@ class ReplicaChannelServer:
             peer.closed = True
             del self._peers[router_id]
 
-    def send(self, request: ChannelRequest, item: bytes | ErrorReply) -> None:
-        if isinstance(item, ErrorReply):
+    def send(self, request: ChannelRequest, item: bytes | Reply) -> None:
+        if isinstance(item, Reply):
             self._peer(request.router_id).write(request.stream_id, REPLY, _encode_reply(item))
         else:
             self._peer(request.router_id).write(request.stream_id, DATA, item)
@@ -213,7 +218,7 @@ class Subscription:
 
     def __init__(self, request: ChannelRequest) -> None:
         self.request = request
-        self.items: deque[bytes | ErrorReply] = deque()
+        self.items: deque[bytes | Reply] = deque()
         self.waiter: asyncio.Future | None = None
         self.ended = False
         self.error: BaseException | None = None
@@ -229,7 +234,7 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def push(self, item: bytes | ErrorReply) -> None:
+    def push(self, item: bytes | Reply) -> None:
         self.items.append(item)
         self._wake()
 
@@ -242,8 +247,8 @@ class Subscription:
             self.error = error
             self._wake()
 
-    async def get(self) -> bytes | ErrorReply | None:
-        """The next bytes (everything already received, joined), an ErrorReply, or None at
+    async def get(self) -> bytes | Reply | None:
+        """The next bytes (everything already received, joined), a Reply, or None at
         the end; raises what failed the stream once nothing received is left."""
         while not self.items:
             if self.ended:

@@ -1,0 +1,142 @@
+"""A client's HTTP request as the router forwards it, and the replica's reply to it.
+
+The router reads only what it must from a request (``model``, ``stream``) and forwards
+the rest untouched: method, path, query, the headers that matter and the body bytes.
+The replica runs it through vLLM's own OpenAI application, called in-process as ASGI
+(:func:`call_asgi`), and answers with a :class:`Reply` (status, headers, the whole body
+or, for an event stream, its first bytes) followed, for streams, by more bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Request headers the replica's application may need; authentication, cookies and hop
+# headers stay with the router.
+FORWARDED_HEADERS = ("content-type", "accept", "anthropic-version", "anthropic-beta")
+# Response headers the router sets itself.
+_DROPPED_REPLY_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedRequest:
+    method: str
+    path: str
+    body: bytes = b""
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The head of a replica's answer: status, headers, and the body (or a stream's first bytes)."""
+
+    status_code: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.headers.get("content-type", "").startswith("text/event-stream")
+
+
+async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply | bytes]:
+    """Run one request through an ASGI application in this process.
+
+    Yields one :class:`Reply`, then, when the answer is an event stream, its further bytes
+    as the application writes them. A plain answer arrives whole in the Reply; a stream's
+    Reply holds its first bytes, so a failure before any output keeps its HTTP status.
+    Closing the generator (the client went away, the call was cancelled) reports a
+    disconnect to the application and cancels it, which aborts the engine request.
+    """
+    messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+    disconnected = asyncio.Event()
+    body_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.put_nowait(message)
+
+    async def run() -> None:
+        try:
+            await app(_scope(request), receive, send)
+        except BaseException as error:  # noqa: BLE001 - surfaced to the reader below
+            messages.put_nowait(error)
+            raise
+        messages.put_nowait(None)
+
+    task = asyncio.ensure_future(run())
+    try:
+        start = await _next(messages)
+        if start is None or start.get("type") != "http.response.start":
+            raise RuntimeError("the application ended without a response")
+        headers = {}
+        for name, value in start.get("headers") or ():
+            key = name.decode("latin-1").lower()
+            if key not in _DROPPED_REPLY_HEADERS:
+                headers[key] = value.decode("latin-1")
+        head = Reply(start["status"], b"", headers)
+        stream = head.is_stream and head.status_code == 200
+        body = bytearray()
+        more = True
+        while more:
+            message = await _next(messages)
+            if message is None:
+                break
+            if message.get("type") != "http.response.body":
+                continue
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if stream and body:
+                break
+        yield Reply(head.status_code, bytes(body), headers)
+        while more:
+            message = await _next(messages)
+            if message is None:
+                break
+            if message.get("type") != "http.response.body":
+                continue
+            more = bool(message.get("more_body", False))
+            if chunk := message.get("body", b""):
+                yield chunk
+    finally:
+        disconnected.set()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _next(messages: asyncio.Queue) -> dict[str, Any] | None:
+    message = await messages.get()
+    if isinstance(message, BaseException):
+        raise message
+    return message
+
+
+def _scope(request: ForwardedRequest) -> dict[str, Any]:
+    return {
+        "type": "http",
+        # 2.3: Starlette's streaming responses watch receive() for the disconnect.
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "root_path": "",
+        "query_string": request.query.encode("latin-1"),
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
