@@ -79,25 +79,13 @@ def error_response(error: OpenAIError, model: str | None = None) -> JSONResponse
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 
-def _describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return "The request body is not valid JSON: " + str(first.get("msg")), None
-    if first.get("type") == "extra_forbidden":
-        return f"Unsupported parameter: '{param}' is not supported by this server.", param
-    if first.get("type") == "missing":
-        return f"Missing required parameter: '{param}'.", param
-    message = str(first.get("msg", "invalid value"))
-    return (f"Invalid value for '{param}': {message}" if param else message), param
-
-
 @app.exception_handler(RequestValidationError)
 async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = _describe_validation_error(list(exc.errors()))
-    code = "unsupported_parameter" if "Unsupported parameter" in message else None
-    return error_response(InvalidRequestError(message, param=param, code=code))
+    """The router's own parameters (paths, queries); request bodies are vLLM's to validate."""
+    first = (list(exc.errors()) or [{}])[0]
+    param = ".".join(str(part) for part in first.get("loc", ())) or None
+    return error_response(InvalidRequestError(f"Invalid value for '{param}': {first.get('msg', 'invalid value')}",
+                                              param=param))
 
 
 @app.exception_handler(OpenAIError)

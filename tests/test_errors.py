@@ -3,15 +3,12 @@ description of request validation errors."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from pydantic import ValidationError
 
 from rayllm_app.errors import (
     ContextLengthExceededError,
     EngineError,
-    ErrorReply,
     InvalidRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -20,7 +17,7 @@ from rayllm_app.errors import (
     UnsupportedParameterError,
     error_body,
 )
-from rayllm_app.protocol import ChatCompletionRequest, ErrorResponse
+from rayllm_app.protocol import ErrorResponse, peek_body
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
@@ -56,15 +53,6 @@ def test_explicit_code_and_param_override_defaults():
                                         "code": "custom"}
 
 
-def test_to_wire_carries_status_body_and_headers():
-    reply = OverloadedError("busy", retry_after_s=7).to_wire()
-    assert isinstance(reply, ErrorReply)
-    assert reply.status_code == 429
-    assert reply.headers == {"Retry-After": "7"}
-    assert json.loads(reply.body) == {"error": {"message": "busy", "type": "rate_limit_error", "param": None,
-                                                "code": "overloaded"}}
-
-
 def test_overloaded_and_unavailable_carry_retry_after():
     assert OverloadedError("busy").headers == {"Retry-After": "1"}
     assert ModelUnavailableError("down").headers == {"Retry-After": "5"}
@@ -83,60 +71,25 @@ def test_error_body_shape():
     assert error_body("m", "t") == {"error": {"message": "m", "type": "t", "param": None, "code": None}}
 
 
-# ---------------------------------------------------------------- router._describe_validation_error
+# ---------------------------------------------------------------- protocol.peek_body
 
 
-@pytest.fixture(scope="module")
-def describe():
-    from rayllm_app.router import _describe_validation_error
-
-    return _describe_validation_error
-
-
-def body_errors(payload: dict) -> list[dict]:
-    """Errors as FastAPI reports them for a JSON body: pydantic's, with 'body' prepended to loc."""
-    with pytest.raises(ValidationError) as info:
-        ChatCompletionRequest.model_validate(payload)
-    return [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
-
-
-def test_describe_json_invalid(describe):
-    errors = [{"type": "json_invalid", "loc": ("body", 12), "msg": "JSON decode error", "input": {},
-               "ctx": {"error": "Expecting value"}}]
-    message, param = describe(errors)
-    assert message.startswith("The request body is not valid JSON")
-    assert "JSON decode error" in message
-    assert param is None
+@pytest.mark.parametrize(("raw", "message", "param"), [
+    (b"", "must be a JSON object", None),
+    (b"{not json", "not valid JSON", None),
+    (b"[1, 2]", "must be a JSON object", None),
+    (b'{"messages": []}', "Missing required parameter: 'model'", "model"),
+    (b'{"model": 3}', "'model' must be a non-empty string", "model"),
+    (b'{"model": ""}', "'model' must be a non-empty string", "model"),
+])
+def test_unroutable_bodies_are_400s_that_say_why(raw, message, param):
+    with pytest.raises(InvalidRequestError) as info:
+        peek_body(raw)
+    assert message in info.value.message
+    assert info.value.param == param and info.value.status_code == 400
 
 
-def test_describe_extra_forbidden(describe):
-    message, param = describe(body_errors({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                           "functions": []}))
-    assert param == "functions"
-    assert message == "Unsupported parameter: 'functions' is not supported by this server."
-
-
-def test_describe_nested_extra_forbidden(describe):
-    message, param = describe(body_errors({"model": "m", "messages": [{"role": "user", "content": "x", "x": 1}]}))
-    assert param == "messages.0.x"
-    assert "Unsupported parameter: 'messages.0.x'" in message
-
-
-def test_describe_missing(describe):
-    message, param = describe(body_errors({"messages": [{"role": "user", "content": "x"}]}))
-    assert param == "model"
-    assert message == "Missing required parameter: 'model'."
-
-
-def test_describe_other_value_error(describe):
-    message, param = describe(body_errors({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                           "temperature": 3}))
-    assert param == "temperature"
-    assert message.startswith("Invalid value for 'temperature': ")
-    assert "2" in message
-
-
-def test_describe_error_without_location(describe):
-    message, param = describe([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be an object"}])
-    assert param is None
-    assert message == "Input should be an object"
+def test_peek_reads_only_what_routing_needs():
+    peek = peek_body(b'{"model": "m", "stream": true, "n": 3, "messages": [{"role": "user", "content": "x"}]}')
+    assert (peek.model, peek.stream, peek.n) == ("m", True, 3)
+    assert peek_body(b'{"model": "m", "stream": "yes"}').stream is False  # vLLM judges the type

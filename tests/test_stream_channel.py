@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from rayllm_app.errors import ErrorReply
+from rayllm_app.http_forward import Reply
 from rayllm_app.stream_channel import (
     HELLO,
     ChannelClosed,
@@ -58,12 +58,12 @@ def test_frames_sent_before_the_router_connects_wait_for_it():
         server = await ReplicaChannelServer.start("127.0.0.1")
         channels = RouterChannels()
         sub = channels.open()
-        reply = ErrorReply(400, b'{"error": {"message": "bad"}}', {"X-Test": "1"})
+        reply = Reply(400, b'{"error": {"message": "bad"}}', {"X-Test": "1"})
         server.send(sub.request, reply)  # the router has not connected yet
         server.end(sub.request)
         await channels.attach(sub, server.ticket)
         first = await sub.get()
-        assert isinstance(first, ErrorReply)
+        assert isinstance(first, Reply)
         assert (first.status_code, first.body, first.headers) == (400, reply.body, {"X-Test": "1"})
         assert await sub.get() is None
         server.close()
