@@ -97,6 +97,10 @@ class VLLMEngine:
         except BaseException:
             engine.shutdown()
             raise
+        explicit = config.engine_config.engine_kwargs.get("override_generation_config") or {}
+        if "max_new_tokens" in config.engine_config.generation.server_side_defaults() \
+                and "max_new_tokens" not in explicit:
+            _max_tokens_as_default(app)
         served = cls(engine, config.model_id, app)
         if not kwargs.get("disable_log_stats"):
             served._stats_task = asyncio.ensure_future(served._log_stats())
@@ -136,6 +140,19 @@ class VLLMEngine:
         if self._stats_task is not None:
             self._stats_task.cancel()
         self._engine.shutdown()
+
+
+def _max_tokens_as_default(app: Any) -> None:
+    """Make generate_kwargs.max_tokens a default that requests override, as in RayLLM.
+
+    vLLM applies a generation-config ``max_new_tokens`` twice: as the default when a request
+    sets no max_tokens (what we want), and as a cap on every request's max_tokens (not what a
+    RayLLM model file meant). Its serving classes keep the cap in ``override_max_tokens``.
+    """
+    for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses"):
+        serving = getattr(app.state, name, None)
+        if serving is not None and getattr(serving, "override_max_tokens", None) is not None:
+            serving.override_max_tokens = None
 
 
 def _app_builders() -> tuple[Any, Any, Any]:

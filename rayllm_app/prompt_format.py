@@ -1,88 +1,120 @@
-"""Turn chat messages into one prompt string: RayLLM's prompt formats or the chat template."""
+"""RayLLM prompt formats compiled into Jinja chat templates.
+
+A model file's ``generation.prompt_format`` (RayLLM's string templates) becomes the chat
+template vLLM's OpenAI app renders (``EngineConfig.vllm_frontend_kwargs``). The template
+reproduces RayLLM's algorithm: at most one system message ("developer" counts as one), which
+moves to the front or, with ``system_in_user``, into the first user turn; the
+``default_system_message`` when the conversation has none; system tags for an empty system
+message only with ``add_system_tags_even_if_message_is_empty``; message text stripped with
+``strip_whitespace``; ``trailing_assistant`` once at the end when a generation prompt is asked
+for. Message content may be a string or a list of ``{"type": "text", "text": ...}`` parts,
+which are joined. Two system messages, a tool message or a non-text part make the template
+call ``raise_exception``, which vLLM answers with a 400.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import json
+import string
 
 from rayllm_app.config import PromptFormat
-from rayllm_app.errors import InvalidRequestError
-from rayllm_app.protocol import ChatMessage
+
+ONE_SYSTEM_MESSAGE = "Only one system message is supported by this model's prompt format."
+NO_TOOL_MESSAGES = "Tool messages are not supported by this model's prompt format."
+TEXT_ONLY = "Only text content is supported by this model's prompt format."
 
 
-class ChatTemplateTokenizer(Protocol):
-    chat_template: Any
-
-    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
-
-
-def _plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    # "developer" is OpenAI's new name for "system"; templates know only the latter.
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
-    ]
+def _literal(text: str) -> str:
+    """A Jinja string literal for ``text``: JSON escapes, which Jinja's lexer decodes."""
+    return json.dumps(text, ensure_ascii=False)
 
 
-def render_prompt_format(fmt: PromptFormat, messages: list[ChatMessage]) -> str:
-    """RayLLM's algorithm: at most one system message, optionally folded into the first user turn."""
-    plain = _plain_messages(messages)
-    system_indexes = [i for i, m in enumerate(plain) if m["role"] == "system"]
-    if len(system_indexes) > 1:
-        raise InvalidRequestError("Only one system message is supported by this model's prompt format.",
-                                  param="messages")
-    if any(m["role"] == "tool" for m in plain):
-        raise InvalidRequestError("Tool messages are not supported by this model.", param="messages")
-    system: str | None = None
-    if system_indexes:
-        system = plain.pop(system_indexes[0])["content"]
-    elif fmt.default_system_message or fmt.add_system_tags_even_if_message_is_empty:
-        system = fmt.default_system_message
-
-    def clean(text: str) -> str:
-        return text.strip() if fmt.strip_whitespace else text
-
-    parts: list[str] = []
-    pending_system = system
-    if system is not None and not fmt.system_in_user and (system or fmt.add_system_tags_even_if_message_is_empty):
-        parts.append(fmt.system.format(instruction=clean(system)))
-    for message in plain:
-        content = clean(message["content"])
-        if message["role"] == "user":
-            if fmt.system_in_user:
-                show_system = pending_system is not None and (
-                    bool(pending_system) or fmt.add_system_tags_even_if_message_is_empty)
-                rendered_system = fmt.system.format(instruction=clean(pending_system)) if show_system else ""
-                parts.append(fmt.user.format(instruction=content, system=rendered_system))
-                pending_system = None
-            else:
-                parts.append(fmt.user.format(instruction=content))
-        elif message["role"] == "assistant":
-            parts.append(fmt.assistant.format(instruction=content))
-    parts.append(fmt.trailing_assistant)
-    return "".join(parts)
+def _format_expression(template: str, **values: str) -> str:
+    """A Jinja expression for ``template.format(**values)``; values are Jinja expressions."""
+    pieces: list[str] = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            pieces.append(_literal(literal))
+        if field is not None:
+            pieces.append(f"({values[field]})")
+    return " ~ ".join(pieces) if pieces else '""'
 
 
-def render_chat_template(tokenizer: ChatTemplateTokenizer, messages: list[ChatMessage]) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError(
-            "This model has no chat template; use /v1/completions, or set "
-            "engine_config.generation.prompt_format in its model config.",
-            param="messages",
-        )
-    try:
-        return tokenizer.apply_chat_template(
-            _plain_messages(messages), tokenize=False, add_generation_prompt=True
-        )
-    except Exception as error:  # jinja raises for conversations the template rejects
-        raise InvalidRequestError(f"The model's chat template rejected these messages: {error}",
-                                  param="messages") from None
+def _join_content(target: str, message: str) -> str:
+    """Statements that set ``target`` to a message's text: a string, or its text parts joined."""
+    return (
+        f"{{%- if {message}['content'] is none -%}}{{%- set {target} = '' -%}}\n"
+        f"{{%- elif {message}['content'] is string -%}}{{%- set {target} = {message}['content'] -%}}\n"
+        f"{{%- else -%}}{{%- set {target} = '' -%}}\n"
+        f"{{%- for part in {message}['content'] -%}}\n"
+        f"{{%- if part['type'] != 'text' -%}}{{{{- raise_exception({_literal(TEXT_ONLY)}) -}}}}{{%- endif -%}}\n"
+        f"{{%- set {target} = {target} ~ part['text'] -%}}\n"
+        f"{{%- endfor -%}}\n"
+        f"{{%- endif -%}}\n"
+    )
 
 
-def render_chat(fmt: PromptFormat | None, tokenizer: ChatTemplateTokenizer,
-                messages: list[ChatMessage]) -> tuple[str, bool]:
-    """Return the prompt and whether the tokenizer should add its special tokens.
+def chat_template(fmt: PromptFormat) -> str:
+    """The Jinja chat template that renders ``fmt`` as RayLLM does.
 
-    A chat template writes BOS itself; a RayLLM prompt format relies on the tokenizer.
+    ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`` with this
+    template gives RayLLM's prompt; without a generation prompt, ``trailing_assistant`` is
+    left out. Whether the tokenizer's BOS is added is vLLM's decision, not the template's.
     """
-    if fmt is not None:
-        return render_prompt_format(fmt, messages), True
-    return render_chat_template(tokenizer, messages), False
+    def clean(expression: str) -> str:
+        return f"({expression}) | trim" if fmt.strip_whitespace else expression
+
+    def shown(expression: str) -> str:
+        """Whether a system message (not none) gets its tags."""
+        if fmt.add_system_tags_even_if_message_is_empty:
+            return f"{expression} is not none"
+        return f"({expression} is not none and {expression})"
+
+    lines = [
+        "{#- Generated by rayllm_app.prompt_format.chat_template from a RayLLM prompt_format. -#}\n",
+        "{%- set ns = namespace(system=none, systems=0, tool=false, text='', shown_system='') -%}\n",
+        "{%- for message in messages -%}\n",
+        "{%- if message['role'] in ['system', 'developer'] -%}\n",
+        "{%- set ns.systems = ns.systems + 1 -%}\n",
+        "{%- if ns.systems == 1 -%}\n",
+        _join_content("ns.system", "message"),
+        "{%- endif -%}\n",
+        "{%- elif message['role'] == 'tool' -%}{%- set ns.tool = true -%}\n",
+        "{%- endif -%}\n",
+        "{%- endfor -%}\n",
+        f"{{%- if ns.systems > 1 -%}}{{{{- raise_exception({_literal(ONE_SYSTEM_MESSAGE)}) -}}}}\n",
+        f"{{%- elif ns.tool -%}}{{{{- raise_exception({_literal(NO_TOOL_MESSAGES)}) -}}}}\n",
+        "{%- endif -%}\n",
+    ]
+    if fmt.default_system_message or fmt.add_system_tags_even_if_message_is_empty:
+        lines.append(f"{{%- if ns.systems == 0 -%}}{{%- set ns.system = {_literal(fmt.default_system_message)} -%}}"
+                     "{%- endif -%}\n")
+    if not fmt.system_in_user:
+        lines.append(f"{{%- if {shown('ns.system')} -%}}"
+                     f"{{{{- {_format_expression(fmt.system, instruction=clean('ns.system'))} -}}}}"
+                     "{%- endif -%}\n")
+    lines += [
+        "{%- for message in messages -%}\n",
+        "{%- if message['role'] in ['user', 'assistant'] -%}\n",
+        _join_content("ns.text", "message"),
+        "{%- if message['role'] == 'user' -%}\n",
+    ]
+    if fmt.system_in_user:
+        lines += [
+            f"{{%- if {shown('ns.system')} -%}}"
+            f"{{%- set ns.shown_system = {_format_expression(fmt.system, instruction=clean('ns.system'))} -%}}"
+            "{%- else -%}{%- set ns.shown_system = '' -%}{%- endif -%}\n",
+            f"{{{{- {_format_expression(fmt.user, instruction=clean('ns.text'), system='ns.shown_system')} -}}}}\n",
+            "{%- set ns.system = none -%}\n",
+        ]
+    else:
+        lines.append(f"{{{{- {_format_expression(fmt.user, instruction=clean('ns.text'))} -}}}}\n")
+    lines += [
+        "{%- else -%}\n",
+        f"{{{{- {_format_expression(fmt.assistant, instruction=clean('ns.text'))} -}}}}\n",
+        "{%- endif -%}\n",
+        "{%- endif -%}\n",
+        "{%- endfor -%}\n",
+        f"{{%- if add_generation_prompt -%}}{{{{- {_literal(fmt.trailing_assistant)} -}}}}{{%- endif -%}}\n",
+    ]
+    return "".join(lines)

@@ -77,9 +77,9 @@ def test_fast_path_streams_over_the_channel(rayllm_run):
     assert channel == {"streams": 0, "connections": 1}  # all streams closed, one connection kept
     # Refused by the replica before its first byte: the error travels on the channel and
     # still gets its HTTP status.
-    error = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": [10 ** 7], "stream": True,
-                                                       "max_tokens": 10}, timeout=30)
-    assert error.status_code == 400 and error.json()["error"]["param"] == "prompt"
+    error = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True,
+                                                       "max_tokens": 10 ** 6}, timeout=30)
+    assert error.status_code == 400 and error.json()["error"]["param"] == "max_tokens"
 
 
 def _title(process) -> str:

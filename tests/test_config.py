@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from rayllm_app.config import (
+    FRONTEND_OPTIONS,
     AutoscalingConfig,
     ConfigError,
     ModelConfig,
@@ -23,6 +24,7 @@ from rayllm_app.config import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models"
+RAYLLM_TEMPLATE = ROOT / "tests" / "data" / "rayllm-template.yaml"
 EXAMPLE_FILES = sorted(MODELS_DIR.glob("*.yaml"))
 
 
@@ -333,6 +335,302 @@ def test_generate_kwargs_rayllm_spellings_accepted():
     config = parse_model_config(minimal(engine_config={
         "generation": {"generate_kwargs": {"max_new_tokens": 10, "do_sample": False}}}))
     assert config.engine_config.generation.generate_kwargs == {"max_new_tokens": 10, "do_sample": False}
+
+
+def test_generate_kwargs_stop_must_be_strings(tmp_path: Path):
+    _, message = config_error(tmp_path, minimal(engine_config={"generation": {"generate_kwargs": {"stop": [1]}}}))
+    assert "engine_config.generation.generate_kwargs:" in message and "stop must be" in message
+
+
+def generation(**generate_kwargs: Any):
+    return parse_model_config(minimal(engine_config={"generation": {"generate_kwargs": generate_kwargs}})
+                              ).engine_config.generation
+
+
+def test_sampling_defaults_normalize_hf_spellings():
+    gen = generation(max_new_tokens=10, min_new_tokens=2, do_sample=False, temperature=0.9, stop="###", seed=3)
+    assert gen.sampling_defaults() == {"max_tokens": 10, "min_tokens": 2, "temperature": 0.0, "stop": ["###"],
+                                       "seed": 3}
+    # the raw mapping is kept as written
+    assert gen.generate_kwargs["max_new_tokens"] == 10
+
+
+def test_sampling_defaults_explicit_vllm_spelling_wins():
+    gen = generation(max_new_tokens=10, max_tokens=20, min_new_tokens=1, min_tokens=4, do_sample=True)
+    assert gen.sampling_defaults() == {"max_tokens": 20, "min_tokens": 4}
+
+
+def test_sampling_defaults_empty():
+    assert generation().sampling_defaults() == {}
+    assert generation().request_defaults() == {}
+    assert "override_generation_config" not in parse_model_config(minimal()).engine_config.vllm_engine_kwargs()
+
+
+def test_generate_kwargs_stopping_sequences_is_a_default_stop():
+    gen = generation(stopping_sequences=["a", "b"], stop="a")
+    assert gen.sampling_defaults()["stop"] == ["a", "b"]
+    assert generation(stop=[]).sampling_defaults() == {"stop": []}
+
+
+def test_request_defaults_are_what_vllm_cannot_apply_server_side():
+    gen = generation(temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.1, presence_penalty=0.2,
+                     frequency_penalty=0.3, max_new_tokens=64, min_new_tokens=8, stop="x", seed=1, ignore_eos=True,
+                     stop_token_ids=[7], skip_special_tokens=False, include_stop_str_in_output=True)
+    assert gen.request_defaults() == {"min_tokens": 8, "stop": ["x"], "seed": 1, "ignore_eos": True,
+                                      "stop_token_ids": [7], "skip_special_tokens": False,
+                                      "include_stop_str_in_output": True}
+
+
+def test_server_side_defaults_go_to_override_generation_config():
+    config = parse_model_config(minimal(engine_config={
+        "generation": {"generate_kwargs": {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1,
+                                           "repetition_penalty": 1.1, "presence_penalty": 0.2,
+                                           "frequency_penalty": 0.3, "max_new_tokens": 64, "seed": 1}}}))
+    assert config.engine_config.vllm_engine_kwargs()["override_generation_config"] == {
+        "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1,
+        "presence_penalty": 0.2, "frequency_penalty": 0.3, "max_new_tokens": 64}
+
+
+def test_explicit_override_generation_config_wins_per_key():
+    config = parse_model_config(minimal(engine_config={
+        "engine_kwargs": {"override_generation_config": {"temperature": 1.0, "top_k": 3}},
+        "generation": {"generate_kwargs": {"do_sample": False, "max_tokens": 32}}}))
+    assert config.engine_config.vllm_engine_kwargs()["override_generation_config"] == {
+        "temperature": 1.0, "top_k": 3, "max_new_tokens": 32}
+
+
+def test_override_generation_config_must_be_a_mapping():
+    with pytest.raises(ConfigError, match=r"engine_config\.engine_kwargs: .*override_generation_config"):
+        parse_model_config(minimal(engine_config={"engine_kwargs": {"override_generation_config": 1}}))
+
+
+def test_hf_only_generate_kwargs_are_dropped_with_one_log_line(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level("INFO", logger="rayllm_app.config"):
+        config = parse_model_config(minimal(engine_config={"generation": {"generate_kwargs": {
+            "return_token_type_ids": False, "use_cache": True, "temperature": 0.2}}}), "f.yaml")
+    gen = config.engine_config.generation
+    assert gen.sampling_defaults() == {"temperature": 0.2}
+    lines = [r.getMessage() for r in caplog.records if "generate_kwargs" in r.getMessage()]
+    assert lines == ["f.yaml: engine_config.generation.generate_kwargs: ignoring return_token_type_ids, use_cache "
+                     "(no vLLM equivalent)"]
+
+
+# ---------------------------------------------------------------- vLLM frontend options
+
+
+def test_frontend_options_accepted_and_split_from_engine_args():
+    config = parse_model_config(minimal(engine_config={"engine_kwargs": {
+        "dtype": "float32", "enable_auto_tool_choice": True, "tool_call_parser": "hermes",
+        "chat_template": "{{ messages }}", "response_role": "bot", "max_log_len": 10,
+        "reasoning_parser": "deepseek_r1"}}))
+    engine = config.engine_config
+    assert engine.vllm_engine_kwargs() == {"dtype": "float32", "reasoning_parser": "deepseek_r1"}
+    assert engine.vllm_frontend_kwargs() == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
+                                             "chat_template": "{{ messages }}", "response_role": "bot",
+                                             "max_log_len": 10}
+
+
+def test_frontend_options_are_vllm_frontend_args():
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    assert FRONTEND_OPTIONS <= {f.name for f in dataclasses.fields(FrontendArgs)}
+    assert not FRONTEND_OPTIONS & {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert {"reasoning_parser", "runner", "convert"} <= vllm_engine_arg_names()
+
+
+def test_every_frontend_option_is_accepted():
+    config = parse_model_config(minimal(engine_config={"engine_kwargs": dict.fromkeys(FRONTEND_OPTIONS, None)}))
+    assert set(config.engine_config.vllm_frontend_kwargs()) == FRONTEND_OPTIONS
+    assert config.engine_config.vllm_engine_kwargs() == {}
+
+
+def test_unknown_key_lists_engine_args_and_frontend_options(tmp_path: Path):
+    _, message = config_error(tmp_path, minimal(engine_config={"engine_kwargs": {"tool_parser": "hermes"}}))
+    assert "engine_config.engine_kwargs:" in message and "'tool_parser'" in message
+    valid_part = message.split("valid ones:", 1)[1]
+    assert "tool_call_parser" in valid_part and "max_num_seqs" in valid_part
+
+
+def test_prompt_format_and_chat_template_conflict(tmp_path: Path):
+    path, message = config_error(tmp_path, minimal(engine_config={
+        "engine_kwargs": {"chat_template": "{{ x }}"},
+        "generation": {"prompt_format": {"user": "{instruction}"}}}))
+    assert message.startswith(str(path))
+    assert "engine_config.generation.prompt_format" in message
+    assert "engine_config.engine_kwargs.chat_template" in message
+
+
+def test_no_prompt_format_no_chat_template():
+    assert parse_model_config(minimal()).engine_config.vllm_frontend_kwargs() == {}
+
+
+def test_managed_args_are_left_to_the_engine_adapter():
+    engine = parse_model_config(minimal("org/x", engine_config={"max_total_tokens": 512})).engine_config
+    assert not {"model", "served_model_name", "max_model_len"} & set(engine.vllm_engine_kwargs())
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+@pytest.mark.parametrize(("engine_kwargs", "expected"), [
+    ({}, ["chat", "completions", "responses", "messages", "tokenize"]),
+    ({"enable_auto_tool_choice": True, "tool_call_parser": "hermes"},
+     ["chat", "completions", "responses", "messages", "tokenize", "tools"]),
+    ({"tool_call_parser": "hermes"}, ["chat", "completions", "responses", "messages", "tokenize", "tools"]),
+    ({"reasoning_parser": "deepseek_r1"}, ["chat", "completions", "responses", "messages", "tokenize", "reasoning"]),
+    ({"runner": "pooling"}, ["embeddings", "score", "tokenize"]),
+    ({"convert": "embed"}, ["embeddings", "score", "tokenize"]),
+    ({"convert": "classify"}, ["embeddings", "score", "tokenize"]),
+    ({"runner": "generate", "convert": "none"}, ["chat", "completions", "responses", "messages", "tokenize"]),
+], ids=["plain", "tools", "parser-only", "reasoning", "pooling", "embed", "classify", "explicit-generate"])
+def test_derived_capabilities(engine_kwargs: dict, expected: list[str]):
+    assert parse_model_config(minimal(engine_config={"engine_kwargs": engine_kwargs})).capabilities() == expected
+
+
+def test_explicit_capabilities_override():
+    config = parse_model_config(minimal(engine_config={"capabilities": ["completions", "tokenize"],
+                                                       "engine_kwargs": {"reasoning_parser": "deepseek_r1"}}))
+    assert config.capabilities() == ["completions", "tokenize"]
+    assert parse_model_config(minimal(engine_config={"capabilities": []})).capabilities() == []
+
+
+def test_unknown_capability_names_the_field(tmp_path: Path):
+    path, message = config_error(tmp_path, minimal(engine_config={"capabilities": ["chat", "embedding"]}))
+    assert message.startswith(str(path))
+    assert "engine_config.capabilities[1]:" in message and "'embeddings'" in message
+
+
+def test_duplicate_capability_rejected():
+    with pytest.raises(ConfigError, match=r"engine_config\.capabilities: .*twice"):
+        parse_model_config(minimal(engine_config={"capabilities": ["chat", "chat"]}))
+
+
+# ---------------------------------------------------------------- RayLLM's model template
+
+
+def test_rayllm_template_loads():
+    config = load_model_config(RAYLLM_TEMPLATE)
+    engine = config.engine_config
+    assert config.model_id == "rayllm-template-smollm2"
+    assert config.scaling_config.num_gpus_per_worker == 0
+    assert config.deployment_config.autoscaling_config.target_ongoing_requests == 1.0
+    assert engine.context_length == 4096  # scheduler.policy.max_total_tokens
+    assert engine.max_total_tokens == 4096
+    assert engine.vllm_engine_kwargs() == {
+        "trust_remote_code": True,
+        "max_num_batched_tokens": 140000,
+        "override_generation_config": {"max_new_tokens": 512, "top_p": 1.0, "top_k": 0, "temperature": 0.1,
+                                       "repetition_penalty": 1.1},
+    }
+    assert engine.generation.request_defaults() == {"min_tokens": 16}
+    assert engine.generation.stopping_sequences == ["### Response:", "### End"]
+    assert engine.vllm_frontend_kwargs()["chat_template"].startswith("{#-")
+    assert config.capabilities() == ["chat", "completions", "responses", "messages", "tokenize"]
+
+
+def test_rayllm_template_logs_ignored_scheduler_settings_once(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level("INFO", logger="rayllm_app.config"):
+        load_model_config(RAYLLM_TEMPLATE)
+    lines = [r.getMessage() for r in caplog.records if "scheduler" in r.getMessage()]
+    assert lines == [f"{RAYLLM_TEMPLATE}: engine_config.scheduler: ignoring policy.max_batch_prefill_tokens, "
+                     "policy.max_input_length, policy.max_iterations_curr_batch, policy.type, "
+                     "policy.waiting_served_ratio (no vLLM equivalent)"]
+
+
+def test_rayllm_template_s3_mirror_block_loads():
+    data = yaml.safe_load(RAYLLM_TEMPLATE.read_text())
+    data["engine_config"]["s3_mirror_config"] = {
+        "bucket_uri": "s3://large-dl-models-mirror/models--mosaicml--mpt-7b-instruct/main-safetensors/"}
+    assert parse_model_config(data).engine_config.s3_mirror_config is not None
+
+
+def test_cli_validate_rayllm_template():
+    result = subprocess.run(validate_command(RAYLLM_TEMPLATE), capture_output=True, text=True, cwd=ROOT,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert f"{RAYLLM_TEMPLATE}: ok: model 'rayllm-template-smollm2'" in result.stdout
+
+
+@pytest.mark.parametrize("engine_type", ["TRTLLMEngine", "TextGenerationInferenceEngine"])
+def test_rayllm_engine_types_are_served_by_vllm(engine_type: str, caplog: pytest.LogCaptureFixture):
+    with caplog.at_level("INFO", logger="rayllm_app.config"):
+        config = parse_model_config(minimal(engine_config={"type": engine_type}), "f.yaml")
+    assert config.engine_config.type == engine_type
+    assert f"f.yaml: engine_config.type {engine_type}: served by vLLM" in caplog.text
+
+
+def test_model_init_kwargs_mapping_and_ignored(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level("INFO", logger="rayllm_app.config"):
+        config = parse_model_config(minimal(engine_config={"model_init_kwargs": {
+            "trust_remote_code": True, "torch_dtype": "torch.bfloat16", "revision": "abc", "cache_dir": "/c",
+            "device_map": "auto", "low_cpu_mem_usage": True}}), "f.yaml")
+    assert config.engine_config.vllm_engine_kwargs() == {
+        "trust_remote_code": True, "dtype": "bfloat16", "revision": "abc", "download_dir": "/c"}
+    lines = [r.getMessage() for r in caplog.records if "model_init_kwargs" in r.getMessage()]
+    assert lines == ["f.yaml: engine_config.model_init_kwargs: ignoring device_map, low_cpu_mem_usage "
+                     "(no vLLM equivalent)"]
+
+
+def test_model_init_kwargs_bad_dtype_names_the_field(tmp_path: Path):
+    path, message = config_error(tmp_path, minimal(engine_config={"model_init_kwargs": {"torch_dtype": "int3"}}))
+    assert message.startswith(str(path))
+    assert "engine_config.model_init_kwargs:" in message and "int3" in message
+
+
+def test_explicit_engine_kwargs_win_over_rayllm_mappings():
+    config = parse_model_config(minimal(engine_config={
+        "model_init_kwargs": {"trust_remote_code": True, "torch_dtype": "float16"},
+        "scheduler": {"policy": {"max_batch_total_tokens": 9000}},
+        "engine_kwargs": {"dtype": "float32", "max_num_batched_tokens": 4096}}))
+    assert config.engine_config.vllm_engine_kwargs() == {
+        "trust_remote_code": True, "dtype": "float32", "max_num_batched_tokens": 4096}
+
+
+def test_scheduler_prefill_tokens_used_without_total_tokens():
+    config = parse_model_config(minimal(engine_config={"scheduler": {"policy": {"max_batch_prefill_tokens": 8192}}}))
+    assert config.engine_config.vllm_engine_kwargs() == {"max_num_batched_tokens": 8192}
+    assert config.engine_config.ignored_settings() == {}
+
+
+def test_scheduler_max_total_tokens_yields_to_explicit_context_length():
+    policy = {"scheduler": {"policy": {"max_total_tokens": 4096}}}
+    assert parse_model_config(minimal(engine_config={**policy, "max_total_tokens": 1024})
+                              ).engine_config.context_length == 1024
+    engine = parse_model_config(minimal(engine_config={**policy, "engine_kwargs": {"max_model_len": 2048}})
+                                ).engine_config
+    assert engine.context_length == 2048 and engine.max_total_tokens is None
+
+
+def test_scheduler_unknown_keys_are_ignored_with_one_line(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level("INFO", logger="rayllm_app.config"):
+        parse_model_config(minimal(engine_config={"scheduler": {
+            "max_waiting_tokens": 20, "policy": {"max_waiting_tokens": 20, "waiting_served_ratio": 1.2}}}), "f.yaml")
+    lines = [r.getMessage() for r in caplog.records if "scheduler" in r.getMessage()]
+    assert lines == ["f.yaml: engine_config.scheduler: ignoring max_waiting_tokens, policy.max_waiting_tokens, "
+                     "policy.waiting_served_ratio (no vLLM equivalent)"]
+
+
+@pytest.mark.parametrize(("scheduler", "dotted"), [
+    ({"policy": {"max_batch_total_tokens": "many"}}, "engine_config.scheduler.policy.max_batch_total_tokens"),
+    ({"policy": {"max_total_tokens": 8}}, "engine_config.scheduler.policy.max_total_tokens"),
+    ({"policy": {"max_total_tokens": 1024, "max_input_length": 2048}}, "engine_config.scheduler.policy"),
+    ({"policy": [1]}, "engine_config.scheduler.policy"),
+    ("fast", "engine_config.scheduler"),
+], ids=["type", "too-small", "input-longer", "policy-list", "not-mapping"])
+def test_bad_scheduler_names_the_file_and_field(tmp_path: Path, scheduler: Any, dotted: str):
+    path, message = config_error(tmp_path, minimal(engine_config={"scheduler": scheduler}))
+    assert message.startswith(f"{path}: invalid model config")
+    assert f"  {dotted}: " in message
+
+
+def test_rayllm_config_round_trips_through_model_dump():
+    config = load_model_config(RAYLLM_TEMPLATE)
+    again = parse_model_config(config.model_dump(mode="json"))
+    assert again.engine_config.vllm_engine_kwargs() == config.engine_config.vllm_engine_kwargs()
+    assert again.engine_config.context_length == 4096
 
 
 # ---------------------------------------------------------------- files

@@ -309,7 +309,7 @@ def test_render_cli_several_models(tmp_path: Path, crd_validator, monkeypatch):
     configs = check_serve_config(manifest)
     assert {c.model_id for c in configs} == {
         "SmolLM2-135M-Instruct", "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct",
-        "mistralai/Mistral-7B-Instruct-v0.3"}
+        "mistralai/Mistral-7B-Instruct-v0.3", "all-MiniLM-L6-v2"}
     assert check_worker_groups(manifest) == []
     assert manifest["metadata"]["namespace"] == "llm"
     cluster = manifest["spec"]["rayClusterConfig"]
