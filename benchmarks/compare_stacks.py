@@ -17,6 +17,9 @@ Stacks (``--stacks``):
 * ``ray-serve-llm`` - ``ray.serve.llm.build_openai_app`` of the same Ray version,
   via ``benchmarks/ray_serve_llm_launcher.py`` in the peers virtualenv.
 * ``rayllm-app`` - this project: ``python -m rayllm_app.cli run --model <yaml>``.
+* ``rayllm-app-before`` - the same, from another checkout of this project (``--before-tree``,
+  e.g. ``git worktree add /tmp/before <commit>``): a change's before and after, measured in
+  the same rotating rounds.
 
 The peers virtualenv (``.bench-venvs/peers``, packages in ``benchmarks/requirements.txt``)
 is created on first use; it also draws the plot (matplotlib). See benchmarks/README.md.
@@ -44,7 +47,8 @@ from rayllm_app.ports import free_port  # noqa: E402
 from benchmarks.compare_report import PEER_STACKS, plot, write_markdown  # noqa: E402
 from benchmarks.stack_server import Server  # noqa: E402
 
-STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app")
+STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app", "rayllm-app-before")
+RAYLLM_STACKS = ("rayllm-app", "rayllm-app-before")
 ALIASES = {"rayllm-serve-llm": "ray-serve-llm", "serve-llm": "ray-serve-llm", "vllm": "bare"}
 DEFAULT_MODEL = Path.home() / ".cache" / "rayllm" / "SmolLM2-135M-Instruct"
 TINY_DIR = Path("/tmp/rayllm-bench/tiny-llama")
@@ -123,11 +127,16 @@ def prepare_model(spec: str, main_python: Path) -> Path:
     return path
 
 
-def child_env() -> dict[str, str]:
+def child_env(root: Path = ROOT) -> dict[str, str]:
     env = dict(os.environ)
     env.update(QUIET_ENV)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def stack_root(stack: str, args: argparse.Namespace) -> Path:
+    """The checkout a stack runs from: this one, or --before-tree for rayllm-app-before."""
+    return args.before_tree if stack == "rayllm-app-before" else ROOT
 
 
 def package_version(python: Path, name: str) -> str | None:
@@ -181,7 +190,7 @@ def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir
                 "--model-id", model_id, "--model-source", str(folder),
                 "--engine-kwargs", json.dumps(engine_kwargs), "--host", "127.0.0.1", "--port", str(port),
                 *(["--fast-path"] if stack == "ray-serve-llm-fast" else [])]
-    if stack == "rayllm-app":
+    if stack in RAYLLM_STACKS:
         yaml_path = workdir / f"{model_id}.yaml"
         # JSON is valid YAML: no YAML writer needed here.
         yaml_path.write_text(json.dumps(rayllm_app_yaml(model_id, folder, engine_kwargs), indent=2) + "\n")
@@ -190,10 +199,10 @@ def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir
     raise ValueError(stack)
 
 
-def rayllm_run_available(main_python: Path) -> str | None:
-    """None if `rayllm run` exists, else why not."""
-    out = subprocess.run([str(main_python), "-m", "rayllm_app.cli", "run", "--help"], cwd=ROOT,
-                         env=child_env(), capture_output=True, text=True, timeout=180)
+def rayllm_run_available(main_python: Path, root: Path = ROOT) -> str | None:
+    """None if `rayllm run` exists in that checkout, else why not."""
+    out = subprocess.run([str(main_python), "-m", "rayllm_app.cli", "run", "--help"], cwd=root,
+                         env=child_env(root), capture_output=True, text=True, timeout=180)
     if out.returncode == 0 and "--model" in out.stdout:
         return None
     return "`rayllm run` is not available: " + (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -309,7 +318,8 @@ def run_stack(stack: str, round_no: int, entry: dict, attempts: dict[int, list[B
     log_path = workdir / f"{stack}-round{round_no}.log"
     log(f"starting {stack} (round {round_no} of {args.rounds}): log {log_path}")
     t0 = time.monotonic()
-    server = Server(stack, cmd, log_path, cwd=ROOT, env=child_env())
+    root = stack_root(stack, args)
+    server = Server(stack, cmd, log_path, cwd=root, env=child_env(root))
     try:
         server.wait_ready(base_url, model_id, args.startup_timeout)
         entry["startup_s"].append(round(time.monotonic() - t0, 1))
@@ -367,6 +377,8 @@ def parse_args(argv=None):
     p.add_argument("--main-python", type=Path, default=MAIN_PYTHON if MAIN_PYTHON.exists() else Path(sys.executable))
     p.add_argument("--peers-venv", type=Path, default=PEERS)
     p.add_argument("--setup-only", action="store_true", help="create the peers venv and exit")
+    p.add_argument("--before-tree", type=Path, default=None,
+                   help="another checkout of this project, served as the rayllm-app-before stack")
     p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -378,6 +390,8 @@ def parse_args(argv=None):
         if name not in STACKS:
             p.error(f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
         stacks.append(name)
+    if "rayllm-app-before" in stacks and args.before_tree is None:
+        p.error("the rayllm-app-before stack needs --before-tree (a checkout of the earlier commit)")
     args.stacks = stacks
     return args
 
@@ -424,8 +438,8 @@ def main(argv=None) -> int:
     for stack in args.stacks:
         entry: dict = {"status": "skipped", "runs": [], "host_load": {}, "startup_s": []}
         report["stacks"][stack] = entry
-        if stack == "rayllm-app":
-            reason = rayllm_run_available(args.main_python)
+        if stack in RAYLLM_STACKS:
+            reason = rayllm_run_available(args.main_python, stack_root(stack, args))
             if reason:
                 entry["reason"] = reason
                 log(f"skipping rayllm-app: {reason}")
