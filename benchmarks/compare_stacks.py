@@ -351,7 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--model-path", default=str(DEFAULT_MODEL),
                    help="model folder, or 'tiny' for the tiny random Llama (default: SmolLM2-135M-Instruct)")
     p.add_argument("--model-id", default=None, help="served model name (default: folder name)")
-    p.add_argument("--stacks", default=",".join(STACKS), help="comma list of " + ", ".join(STACKS))
+    p.add_argument("--stacks", default=",".join(STACKS[:4]), help="comma list of " + ", ".join(STACKS))
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--num-requests", type=int, default=None,
                    help="per level (default: max(--min-requests, --requests-factor x concurrency))")

@@ -34,14 +34,6 @@ class InvalidRequestError(OpenAIError):
     error_type = "invalid_request_error"
 
 
-class UnsupportedParameterError(InvalidRequestError):
-    default_code = "unsupported_parameter"
-
-
-class ContextLengthExceededError(InvalidRequestError):
-    default_code = "context_length_exceeded"
-
-
 class ModelNotFoundError(OpenAIError):
     status_code = 404
     error_type = "invalid_request_error"

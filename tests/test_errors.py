@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 
 from rayllm_app.errors import (
-    ContextLengthExceededError,
     EngineError,
     InvalidRequestError,
     ModelNotFoundError,
     ModelUnavailableError,
     OpenAIError,
     OverloadedError,
-    UnsupportedParameterError,
     error_body,
 )
 from rayllm_app.protocol import ErrorResponse, peek_body
@@ -26,8 +24,6 @@ ENVELOPE_KEYS = {"message", "type", "param", "code"}
     ("error", "status", "error_type", "code"),
     [
         (InvalidRequestError("bad"), 400, "invalid_request_error", None),
-        (UnsupportedParameterError("bad"), 400, "invalid_request_error", "unsupported_parameter"),
-        (ContextLengthExceededError("long"), 400, "invalid_request_error", "context_length_exceeded"),
         (ModelNotFoundError("x", ["a"]), 404, "invalid_request_error", "model_not_found"),
         (OverloadedError("busy"), 429, "rate_limit_error", "overloaded"),
         (ModelUnavailableError("down"), 503, "service_unavailable", "model_unavailable"),
@@ -48,7 +44,7 @@ def test_status_type_code_and_envelope(error: OpenAIError, status: int, error_ty
 
 
 def test_explicit_code_and_param_override_defaults():
-    error = ContextLengthExceededError("x", param="max_tokens", code="custom")
+    error = InvalidRequestError("x", param="max_tokens", code="custom")
     assert error.to_dict()["error"] == {"message": "x", "type": "invalid_request_error", "param": "max_tokens",
                                         "code": "custom"}
 
