@@ -47,6 +47,16 @@ class ModelNotFoundError(OpenAIError):
         )
 
 
+class ResponseNotFoundError(OpenAIError):
+    """A stored response no serving model holds (vLLM's own shape for the same answer)."""
+
+    status_code = 404
+    error_type = "NotFoundError"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", code="response_not_found")
+
+
 class OverloadedError(OpenAIError):
     """The model's replicas and queue are full: back off and retry (429, like OpenAI's rate limits)."""
 

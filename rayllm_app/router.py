@@ -33,6 +33,7 @@ from rayllm_app.errors import (
     OpenAIError,
     OverloadedError,
     RequestTimeoutError,
+    ResponseNotFoundError,
     error_body,
 )
 from rayllm_app.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply
@@ -399,13 +400,15 @@ class Router:
 
     async def _forward_stored_response(self, request: Request, response_id: str) -> Response:
         """GET or cancel a stored response: at the model that answered it, where the router
-        remembers it; otherwise every model that serves responses is asked in turn (a router
-        restarted, or another router took the request)."""
+        remembers it; otherwise every running model that serves responses is asked in turn (a
+        router restarted, or another router took the request). A model with no running
+        replica holds no stored response, so it is not woken for this."""
         caller = self._caller(request)
         timeout = self._timeout(request)
         known = self.response_models.get(response_id)
         candidates = [known] if known else [
-            m for m, caps in self.capabilities.items() if "responses" in caps and (caller is None or caller.allows(m))]
+            m for m, caps in self.capabilities.items() if "responses" in caps
+            and (caller is None or caller.allows(m)) and self.status.state(m).state == READY]
         forwarded = ForwardedRequest(request.method, request.url.path, b"", request.url.query,
                                      _forwarded_headers(request))
         response: Response | None = None
@@ -413,8 +416,7 @@ class Router:
             response = await self._dispatch(forwarded, model, False, self._handle(model, caller), timeout)
             if response.status_code != 404:
                 return response
-        return response or error_response(InvalidRequestError(
-            f"Response '{response_id}' not found.", code="response_not_found"), None)
+        return response or error_response(ResponseNotFoundError(response_id), None)
 
     async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool,
                         handle: _ModelCalls, timeout: float | None) -> Response:

@@ -1,13 +1,20 @@
 """Session fixtures: one Ray cluster and one Serve application with real vLLM engines.
 
-Engines start once per session (each takes 25-40 s on the CPU): two tiny random Llamas
-built at test time, and the real SmolLM2 default.
+Engines start once per session (each takes 25-40 s on the CPU): tiny random Llamas built at
+test time (one of them, tiny-tools, with a Hermes tool-calling chat template and vLLM's hermes
+tool parser), the real SmolLM2 default and the all-MiniLM-L6-v2 embedding model. The
+``bare_vllm`` fixture serves tiny-tools a second time with bare
+``python -m vllm.entrypoints.openai.api_server`` and the same options, for the differential
+tests (tests/test_vllm_parity_e2e.py, tests/test_clients_e2e.py).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +66,15 @@ TINY_ZERO = "tiny-zero"      # scales to zero after 4 idle seconds
 BROKEN = "broken-model"      # its weights folder is empty: never starts
 TINY_TP = "tiny-tp2"          # tensor parallel over a worker group of 2 CPU workers
 TINY_S3 = "tiny-s3"           # loaded from a real S3 API (moto server) through the mirror
+TINY_TOOLS = "tiny-tools"     # Hermes tool template + hermes tool parser; also served by bare_vllm
+EMBED_MODEL = "all-MiniLM-L6-v2"   # models/all-minilm-l6-v2.yaml (384-dimensional embeddings)
+TOOLS_TEMPLATE = ROOT / "tests" / "data" / "tiny_tools_template.jinja"
+# vLLM keeps /v1/responses with store=true (for GET /v1/responses/{id}) only with this set;
+# set for the Ray cluster's processes and for bare_vllm alike.
+RESPONSES_STORE_ENV = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+# vLLM frontend options of tiny-tools, as engine_kwargs (rayllm-app) and as CLI flags (bare vLLM).
+TINY_TOOLS_FRONTEND = {"chat_template": str(TOOLS_TEMPLATE), "enable_auto_tool_choice": True,
+                       "tool_call_parser": "hermes"}
 API_KEY = "sk-test-all-models"
 LIMITED_KEY = "sk-test-only-tiny-chat"
 SECRET_ENV = "RAYLLM_TEST_SECRET"
@@ -93,7 +109,8 @@ def ray_cluster():
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                        # replicas' stream channels listen on loopback only
-                                       "RAYLLM_STREAM_CHANNEL_HOST": "127.0.0.1"}})
+                                       "RAYLLM_STREAM_CHANNEL_HOST": "127.0.0.1",
+                                       **RESPONSES_STORE_ENV}})
     yield
     from ray import serve
 
@@ -162,14 +179,18 @@ def served_app(ray_cluster, tiny_model_path: Path, s3_model_bucket) -> ServedApp
                           "region": "us-east-1"},
         propagate_env=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
     os.environ["RAYLLM_API_KEYS"] = f"{API_KEY},{LIMITED_KEY}:{TINY_A}"
+    tiny_tools = tiny_model_config(TINY_TOOLS, tiny_model_path,
+                                   model_description="tiny random llama (hermes tool calling)")
+    tiny_tools["engine_config"]["engine_kwargs"].update(TINY_TOOLS_FRONTEND)
     models = [tiny_a, tiny_b, str(ROOT / "models" / "smollm2-135m-instruct.yaml"), tiny_zero, broken,
-              tiny_tp, tiny_s3]
+              tiny_tp, tiny_s3, tiny_tools, str(ROOT / "models" / "all-minilm-l6-v2.yaml")]
     from ray.serve.api import _run
 
     _run(build_app({"models": models}), name="rayllm", route_prefix="/", _blocking=False)
     root = f"http://127.0.0.1:{port}"
     wait_for_models(root, {TINY_A: "ready", TINY_B: "ready", DEFAULT_MODEL: "ready", BROKEN: "failed",
-                           TINY_TP: "ready", TINY_S3: "ready"}, timeout_s=900)
+                           TINY_TP: "ready", TINY_S3: "ready", TINY_TOOLS: "ready", EMBED_MODEL: "ready"},
+                    timeout_s=900)
     return ServedApp(base_url=f"{root}/v1", root_url=root, models=[TINY_A, TINY_B, DEFAULT_MODEL])
 
 
@@ -235,3 +256,85 @@ class OpenAIServer:
 def openai_server(served_app: ServedApp) -> OpenAIServer:
     """Any OpenAI-compatible server with a tiny model (used by the bench smoke test)."""
     return OpenAIServer(base_url=served_app.base_url, model=TINY_A, api_key=served_app.api_key)
+
+
+@dataclass
+class BareVLLM:
+    """Bare ``python -m vllm.entrypoints.openai.api_server`` serving tiny-tools."""
+
+    root_url: str
+    log_path: Path
+    model: str = TINY_TOOLS
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=120, **kwargs)
+
+
+def bare_vllm_command(model_path: Path, port: int) -> list[str]:
+    """The bare vLLM server with tiny-tools' engine and frontend options (tiny_model_config's
+    engine_kwargs and max_total_tokens, plus TINY_TOOLS_FRONTEND)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", TINY_TOOLS, "--dtype", "float32", "--enforce-eager",
+            "--kv-cache-memory-bytes", str(TINY_KV_BYTES), "--max-num-seqs", "32", "--max-model-len", "512",
+            "--chat-template", TINY_TOOLS_FRONTEND["chat_template"], "--enable-auto-tool-choice",
+            "--tool-call-parser", TINY_TOOLS_FRONTEND["tool_call_parser"]]
+
+
+@pytest.fixture(scope="session")
+def bare_vllm(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareVLLM]:
+    """Bare vLLM's OpenAI server for tiny-tools (same model folder and options as served_app's
+    tiny-tools), for as long as the session runs. Its log: BareVLLM.log_path."""
+    import httpx
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("bare-vllm") / "server.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **RESPONSES_STORE_ENV)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(bare_vllm_command(tiny_model_path, port), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bare vLLM exited with {proc.returncode} before serving; log: {log_path}:\n"
+                                   + log_path.read_text(errors="replace")[-4000:])
+            try:
+                if httpx.get(f"{root}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bare vLLM not serving /v1/models after 300 s; log: {log_path}:\n"
+                                   + log_path.read_text(errors="replace")[-4000:])
+            time.sleep(1)
+        yield BareVLLM(root_url=root, log_path=log_path)
+    finally:
+        _stop_process_group(proc)
+
+
+def _stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM the server's process group (API server and its engine core), then SIGKILL."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (the engine core)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
