@@ -17,6 +17,8 @@ from typing import Any
 # Request headers the replica's application may need; authentication, cookies and hop
 # headers stay with the router.
 FORWARDED_HEADERS = ("content-type", "accept", "anthropic-version", "anthropic-beta")
+# How long an application may take to wind up after a disconnect before it is cancelled.
+DISCONNECT_GRACE_S = 2.0
 # Response headers the router sets itself.
 _DROPPED_REPLY_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
 
@@ -50,7 +52,8 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply 
     as the application writes them. A plain answer arrives whole in the Reply; a stream's
     Reply holds its first bytes, so a failure before any output keeps its HTTP status.
     Closing the generator (the client went away, the call was cancelled) reports a
-    disconnect to the application and cancels it, which aborts the engine request.
+    disconnect to the application, which aborts the engine request, and cancels what is left
+    of it after a short grace.
     """
     messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
     disconnected = asyncio.Event()
@@ -110,7 +113,12 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply 
             if chunk := message.get("body", b""):
                 yield chunk
     finally:
+        # Tell the application first, as a server tells it a client hung up: vLLM's handlers
+        # watch for the disconnect and cancel their own work (a plain cancel of the outer task
+        # would leave vLLM's inner handler task, and its engine request, running).
         disconnected.set()
+        if not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_GRACE_S)
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -48,12 +49,15 @@ class ModelServer:
         """A whole answer (the router did not ask for a stream)."""
         reply: Reply | None = None
         body = bytearray()
-        async for item in self._serve(request):
-            if isinstance(item, Reply):
-                reply = item
-                body += item.body
-            else:
-                body += item
+        # aclosing: a cancelled call (the client went away, a timeout) must close the stream
+        # now, which cancels vLLM's handler and aborts the engine request, not when GC runs.
+        async with contextlib.aclosing(self._serve(request)) as items:
+            async for item in items:
+                if isinstance(item, Reply):
+                    reply = item
+                    body += item.body
+                else:
+                    body += item
         assert reply is not None
         return Reply(reply.status_code, bytes(body), reply.headers) if len(body) != len(reply.body) else reply
 

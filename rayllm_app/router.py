@@ -31,7 +31,6 @@ from rayllm_app.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     OpenAIError,
-    OverloadedError,
     RequestTimeoutError,
     ResponseNotFoundError,
     error_body,
@@ -42,6 +41,13 @@ from rayllm_app.middleware import (
     BodySizeLimitMiddleware,
     RequestIdMiddleware,
     set_request_model,
+)
+from rayllm_app.model_calls import (
+    ModelCalls,
+    first_of,
+    sse_error,
+    translate_serve_error,
+    watch_call,
 )
 from rayllm_app.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.playground import mount_playground
@@ -54,7 +60,12 @@ from rayllm_app.protocol import (
     peek_body,
 )
 from rayllm_app.settings import RouterSettings
-from rayllm_app.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
+from rayllm_app.stream_channel import (
+    ChannelClosed,
+    RouterChannels,
+    Subscription,
+    Ticket,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,67 +112,6 @@ async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONRespons
                         headers=getattr(exc, "headers", None))
 
 
-def _translate_serve_error(error: BaseException, model: str) -> OpenAIError:
-    """Map what Ray Serve raises while routing or running a request to an OpenAI error."""
-    from ray import exceptions as ray_exceptions
-    from ray.serve import exceptions as serve_exceptions
-
-    if isinstance(error, OpenAIError):
-        return error
-    if isinstance(error, serve_exceptions.BackPressureError):
-        return OverloadedError(f"Model '{model}' has too many queued requests. Retry after a short wait.")
-    if isinstance(error, getattr(serve_exceptions, "DeploymentUnavailableError", ())):
-        return ModelUnavailableError(f"Model '{model}' is not available right now: {error}")
-    if isinstance(error, (ray_exceptions.RayActorError, ray_exceptions.ActorDiedError, ChannelClosed)):
-        return ModelUnavailableError(
-            f"The replica serving model '{model}' stopped while handling this request; retry it."
-        )
-    if isinstance(error, ray_exceptions.RayTaskError):
-        cause = error.cause if hasattr(error, "cause") else None
-        if isinstance(cause, OpenAIError):
-            return cause
-        return EngineError(f"Model '{model}' failed on this request: {type(cause or error).__name__}: {cause}")
-    return EngineError(f"Model '{model}' failed on this request: {type(error).__name__}: {error}")
-
-
-def _sse_error(error: OpenAIError) -> bytes:
-    return b"data: " + json.dumps(error.to_dict()).encode() + b"\n\ndata: [DONE]\n\n"
-
-
-async def _first_of(stream: Any, first: Any, model: str, timeout: float | None,
-                    limit: float | None = -1.0) -> Any:
-    """Await a stream's first item within ``limit`` s (default: ``timeout``); on any failure
-    cancel the call and raise the OpenAI error for it."""
-    limit = timeout if limit == -1.0 else limit
-    try:
-        return await (asyncio.wait_for(first, limit) if limit is not None else first)
-    except asyncio.TimeoutError:
-        stream.cancel()
-        raise RequestTimeoutError(timeout or 0) from None
-    except asyncio.CancelledError:
-        stream.cancel()
-        raise
-    except StopAsyncIteration:
-        raise EngineError(f"Model '{model}' ended the stream without output.") from None
-    except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
-        stream.cancel()
-        raise _translate_serve_error(error, model) from None
-
-
-async def _watch_call(stream: Any, sub: Subscription, model: str) -> None:
-    """Follow a channelled call to its end: if the replica or the call fails, so does the stream."""
-    try:
-        async for _ in stream:
-            pass
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        sub.fail(_translate_serve_error(error, model))
-        return
-    # The call finished; its END frame is on the way. If it never arrives, do not hang.
-    asyncio.get_running_loop().call_later(10.0, sub.fail, ChannelClosed("the stream ended without its last frame"))
-
-
 def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
     """Request ids and access logs, body limits, and CORS when origins are configured."""
     if getattr(target.state, "rayllm_middleware", False):
@@ -171,7 +121,7 @@ def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
     if settings.cors_allow_origins:
         target.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Api-Key", "Anthropic-Version"],
             expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
     target.add_middleware(RequestIdMiddleware)
 
@@ -196,15 +146,6 @@ def _with_response_id(raw: bytes, data: dict[str, Any]) -> tuple[bytes, str]:
     return raw[:start] + b'"request_id":' + json.dumps(response_id).encode() + b"," + raw[start:], response_id
 
 
-class _ModelCalls:
-    """A model's handle per method, built once: ``handle.options()`` and method lookups make
-    a new handle each time (about 3% of the router's CPU when done per request)."""
-
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self.unary = handle.forward
-        self.streaming = handle.options(stream=True).forward_stream
-
-
 @serve.deployment(
     name="router",
     ray_actor_options={"num_cpus": 0},
@@ -219,7 +160,7 @@ class Router:
         self.keys = KeyStore.from_settings(self.settings)
         install_middleware(app, self.settings)
         self.cards = [ModelCard.model_validate(card) for card in cards]
-        self.handles = {card.id: _ModelCalls(handle) for card, handle in zip(self.cards, handles)}
+        self.handles = {card.id: ModelCalls(handle) for card, handle in zip(self.cards, handles)}
         self.capabilities = {card.id: frozenset(card.metadata.get("capabilities") or ()) for card in self.cards}
         self.max_n = {spec["model_id"]: spec.get("max_n") for spec in specs}
         self.response_models: OrderedDict[str, str] = OrderedDict()
@@ -236,7 +177,7 @@ class Router:
             authorization = f"Bearer {api_key}"
         return self.keys.authenticate(authorization)
 
-    def _handle(self, model: str, caller: ApiKey | None) -> _ModelCalls:
+    def _handle(self, model: str, caller: ApiKey | None) -> ModelCalls:
         self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
         set_request_model(model)
         handle = self.handles.get(model)
@@ -315,11 +256,11 @@ class Router:
 
     @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
     async def retrieve_response(self, response_id: str, request: Request) -> Response:
-        return await self._forward_stored_response(request, response_id)
+        return await self._forward_stored_response(request, response_id, f"/v1/responses/{response_id}")
 
     @app.post("/v1/responses/{response_id}/cancel", responses=ERROR_RESPONSES)
     async def cancel_response(self, response_id: str, request: Request) -> Response:
-        return await self._forward_stored_response(request, response_id)
+        return await self._forward_stored_response(request, response_id, f"/v1/responses/{response_id}/cancel")
 
     @app.post("/v1/messages", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
     async def messages(self, request: Request) -> Response:
@@ -368,7 +309,7 @@ class Router:
         """Route a request by its body's ``model`` to that model's replicas."""
         caller = self._caller(request)
         timeout = self._timeout(request)
-        path = request.url.path
+        path = request.scope["route"].path  # without the application's route prefix
         raw = await request.body()
         peek = peek_body(raw)
         handle = self._handle(peek.model, caller)
@@ -398,7 +339,7 @@ class Router:
         while len(self.response_models) > RESPONSE_IDS_KEPT:
             self.response_models.popitem(last=False)
 
-    async def _forward_stored_response(self, request: Request, response_id: str) -> Response:
+    async def _forward_stored_response(self, request: Request, response_id: str, path: str) -> Response:
         """GET or cancel a stored response: at the model that answered it, where the router
         remembers it; otherwise every running model that serves responses is asked in turn (a
         router restarted, or another router took the request). A model with no running
@@ -409,8 +350,7 @@ class Router:
         candidates = [known] if known else [
             m for m, caps in self.capabilities.items() if "responses" in caps
             and (caller is None or caller.allows(m)) and self.status.state(m).state == READY]
-        forwarded = ForwardedRequest(request.method, request.url.path, b"", request.url.query,
-                                     _forwarded_headers(request))
+        forwarded = ForwardedRequest(request.method, path, b"", request.url.query, _forwarded_headers(request))
         response: Response | None = None
         for model in candidates:
             response = await self._dispatch(forwarded, model, False, self._handle(model, caller), timeout)
@@ -419,7 +359,7 @@ class Router:
         return response or error_response(ResponseNotFoundError(response_id), None)
 
     async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool,
-                        handle: _ModelCalls, timeout: float | None) -> Response:
+                        handle: ModelCalls, timeout: float | None) -> Response:
         if not stream:
             response = handle.unary.remote(forwarded)
             call = self._through_cold_start(model, response)
@@ -432,7 +372,7 @@ class Router:
                 response.cancel()
                 raise
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
-                return error_response(_translate_serve_error(error, model), model)
+                return error_response(translate_serve_error(error, model), model)
             return _reply(result)
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
         sub = self.channels.open() if self.channels is not None else None
@@ -468,13 +408,13 @@ class Router:
         return StreamingResponse(relay, headers={**first.headers, **SSE_HEADERS},
                                  media_type=first.headers.get("content-type"))
 
-    async def _open_stream(self, handle: _ModelCalls, forwarded: ForwardedRequest, model: str,
+    async def _open_stream(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
                            sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
         """Start the streaming call and wait for its first item (ticket or Reply)."""
         args = (forwarded, sub.request) if sub is not None else (forwarded,)
         stream = handle.streaming.remote(*args)
         first_item = self._through_cold_start(model, stream.__anext__())
-        return stream, await _first_of(stream, first_item, model, timeout)
+        return stream, await first_of(stream, first_item, model, timeout)
 
     async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription, model: str,
                                 deadline: float | None, timeout: float | None) -> Reply | bytes | None:
@@ -488,8 +428,8 @@ class Router:
         except ChannelClosed:
             stream.cancel()
             return None
-        sub.watch(_watch_call(stream, sub, model))
-        first = await _first_of(stream, sub.get(), model, timeout,
+        sub.watch(watch_call(stream, sub, model))
+        first = await first_of(stream, sub.get(), model, timeout,
                                 limit=max(deadline - loop.time(), 0) if deadline else None)
         if first is None:
             raise EngineError(f"Model '{model}' ended the stream without output.")
@@ -507,9 +447,9 @@ class Router:
                 if isinstance(chunk, bytes):
                     yield chunk
         except OpenAIError as error:
-            yield _sse_error(error)
+            yield sse_error(error)
         except Exception as error:  # noqa: BLE001
-            yield _sse_error(_translate_serve_error(error, model))
+            yield sse_error(translate_serve_error(error, model))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -533,8 +473,8 @@ class Router:
                         break
                     yield chunk
         except asyncio.TimeoutError:
-            yield _sse_error(RequestTimeoutError(timeout or 0))
+            yield sse_error(RequestTimeoutError(timeout or 0))
         except Exception as error:  # noqa: BLE001
-            yield _sse_error(_translate_serve_error(error, model))
+            yield sse_error(translate_serve_error(error, model))
         finally:
             stream.cancel()

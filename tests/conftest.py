@@ -105,7 +105,7 @@ def ray_cluster():
 
     # Logical GPUs and an accelerator label let worker-group tests place GPU-shaped groups.
     # address="local": always a fresh cluster of our own, never one another process started.
-    ray.init(address="local", num_cpus=16, num_gpus=4, resources={"accelerator_type:A10G": 4},
+    ray.init(address="local", num_cpus=32, num_gpus=4, resources={"accelerator_type:A10G": 4},
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                        # replicas' stream channels listen on loopback only

@@ -4,6 +4,7 @@ replica applies to forwarded bodies (request_defaults), without Ray or vLLM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -132,3 +133,36 @@ def test_models_without_defaults_pass_bodies_through_untouched():
     assert not defaults.active  # temperature is vLLM's: override_generation_config
     raw = b'{"model":"m",  "messages": []}'
     assert defaults.apply("/v1/chat/completions", raw) is raw
+
+
+def test_a_disconnect_reaches_handlers_that_run_their_work_in_a_task():
+    """vLLM's handlers run in an inner task and watch receive() for the disconnect (its
+    with_cancellation); cancelling only the outer call would leave that task running."""
+    seen: list[str] = []
+
+    async def app(scope, receive, send):
+        await receive()  # the body
+        inner = asyncio.ensure_future(asyncio.sleep(30))
+        watcher = asyncio.ensure_future(receive())
+        try:
+            done, _ = await asyncio.wait({inner, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watcher.done() and watcher.result()["type"] == "http.disconnect":
+                inner.cancel()
+                seen.append("inner cancelled")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run():
+        call = asyncio.ensure_future(collect_async(app))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+
+    async def collect_async(application):
+        async with contextlib.aclosing(call_asgi(application, ForwardedRequest("POST", "/x"))) as items:
+            async for _ in items:
+                pass
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert seen == ["inner cancelled"]
