@@ -35,7 +35,7 @@ test: setup
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not e2e and not slow"
 
-# Debian's Chromium, driven by Playwright in tests/test_playground.py (no Playwright browser
+# Debian's Chromium, driven by Playwright in tests/router/test_playground.py (no Playwright browser
 # download). Needs root; without it the browser test skips.
 browser:
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)

@@ -44,8 +44,8 @@ MIRROR_CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from rayllm_app.s3_config import S3MirrorConfig
-from rayllm_app.s3_mirror import mirror_model_with_stats
+from rayllm_app.config.s3_config import S3MirrorConfig
+from rayllm_app.storage.s3_mirror import mirror_model_with_stats
 config = S3MirrorConfig(bucket_uri={uri!r}, endpoint_url={url!r}, **json.loads({overrides!r}))
 stats = mirror_model_with_stats(config, "org/model", Path({dest!r}))
 print(json.dumps({{"seconds": stats.seconds, "requests": stats.requests, "path": str(stats.path)}}))
@@ -186,8 +186,8 @@ def write_report(results: list[Result], total: int, args: argparse.Namespace) ->
     by_name = {r.name: r for r in results}
     mirror, aws = by_name.get("rayllm s3 mirror"), by_name.get("aws s3 sync (awscli, defaults)")
     ratio = f"**{aws.wall_s / mirror.wall_s:.1f}x** `aws s3 sync` (wall time)" if mirror and aws else "n/a"
-    from rayllm_app import s3_transfer
-    from rayllm_app.s3_config import S3MirrorConfig
+    from rayllm_app.config.s3_config import S3MirrorConfig
+    from rayllm_app.storage import s3_transfer
 
     settings = (f"max_concurrency {S3MirrorConfig(bucket_uri='s3://x-y/z/').max_concurrency} (default), "
                 f"{s3_transfer.CHUNK_BYTES >> 20} MiB reads, halves of at least "

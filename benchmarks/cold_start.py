@@ -82,7 +82,7 @@ def measure(config: dict, port: int) -> dict:
     from ray.serve.api import _run
 
     from rayllm_app.app import build_app
-    from rayllm_app.model_deployment import deployment_name
+    from rayllm_app.replica.deployment import deployment_name
 
     model_id = config["engine_config"]["model_id"]
     app_name = f"cold-{model_id}"
@@ -152,7 +152,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from rayllm_app.tiny_model import build_tiny_llama
+    from rayllm_app.storage.tiny_model import build_tiny_llama
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})

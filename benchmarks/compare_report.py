@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rayllm_app.bench import BenchResult  # noqa: E402
-from rayllm_app.bench_report import markdown_report  # noqa: E402
+from rayllm_app.bench.report import markdown_report  # noqa: E402
 
 PEER_STACKS = ("ray-serve-llm", "ray-serve-llm-fast")
 
@@ -138,7 +138,7 @@ def write_markdown(report: dict, path: Path, png_name: str | None) -> None:
         "idle), then the 1-minute load average before / after it; the machine is shared, and a busy "
         "host or a load well above the core count means disturbed numbers. "
         "ITL is per token (a chunk's gap divided by the tokens it carried), TPOT is "
-        "(last token - first token) / (tokens - 1) per request; see `rayllm_app/bench_report.py`.",
+        "(last token - first token) / (tokens - 1) per request; see `rayllm_app/bench/report.py`.",
     ]
     target = target_table(report)
     if target:

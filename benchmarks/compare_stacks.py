@@ -114,14 +114,14 @@ def ensure_peers_venv(venv: Path) -> Path:
 def prepare_model(spec: str, main_python: Path) -> Path:
     """``tiny`` builds the tiny random Llama; the default SmolLM2 folder is prepared once."""
     if spec == "tiny":
-        code = f"from pathlib import Path; from rayllm_app.tiny_model import build_tiny_llama; build_tiny_llama(Path({str(TINY_DIR)!r}))"
+        code = f"from pathlib import Path; from rayllm_app.storage.tiny_model import build_tiny_llama; build_tiny_llama(Path({str(TINY_DIR)!r}))"
         subprocess.run([str(main_python), "-c", code], check=True, cwd=ROOT, env=child_env())
         return TINY_DIR
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         if path == DEFAULT_MODEL:
             log("preparing the default SmolLM2-135M-Instruct folder (one time)")
-            subprocess.run([str(main_python), "-m", "rayllm_app.default_model"], check=True, cwd=ROOT, env=child_env())
+            subprocess.run([str(main_python), "-m", "rayllm_app.storage.default_model"], check=True, cwd=ROOT, env=child_env())
         else:
             raise SystemExit(f"{path} is not a model folder (no config.json)")
     return path

@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from rayllm_app.bench_report import RequestRecord
+from rayllm_app.bench.report import RequestRecord
 
 PREFILL_STALL_S = 0.3  # longer gaps are waits behind other requests' prefills, not decode steps
 

@@ -25,14 +25,14 @@ from rayllm_app.config import (
     format_validation_error,
     load_model_configs,
 )
-from rayllm_app.model_deployment import (
+from rayllm_app.config.router_settings import RouterSettings
+from rayllm_app.replica.deployment import (
     build_model_deployment,
     deployment_name,
     placement_bundles,
 )
-from rayllm_app.model_source import local_context_length
-from rayllm_app.router import Router
-from rayllm_app.settings import RouterSettings
+from rayllm_app.router.ingress import Router
+from rayllm_app.storage.model_source import local_context_length
 
 
 def model_card(config: ModelConfig, created: int) -> dict[str, Any]:

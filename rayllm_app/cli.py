@@ -32,7 +32,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rayllm_app.config import ConfigError, load_model_configs
-    from rayllm_app.settings import RouterSettings
+    from rayllm_app.config.router_settings import RouterSettings
 
     try:
         configs = load_model_configs(args.model)
@@ -165,7 +165,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_default(_: argparse.Namespace) -> int:
-    from rayllm_app.default_model import prepare_default_model
+    from rayllm_app.storage.default_model import prepare_default_model
 
     print(prepare_default_model())
     return 0

@@ -5,7 +5,7 @@ test time (one of them, tiny-tools, with a Hermes tool-calling chat template and
 tool parser), the real SmolLM2 default and the all-MiniLM-L6-v2 embedding model. The
 ``bare_vllm`` fixture serves tiny-tools a second time with bare
 ``python -m vllm.entrypoints.openai.api_server`` and the same options, for the differential
-tests (tests/test_vllm_parity_e2e.py, tests/test_clients_e2e.py).
+tests (tests/e2e/test_vllm_parity_e2e.py, tests/e2e/test_clients_e2e.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ TINY_KV_BYTES = 64 * 1024 * 1024
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rayllm_app.tiny_model import build_tiny_llama
+    from rayllm_app.storage.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -219,7 +219,7 @@ def engine_requests(model: str) -> int | None:
         import ray
         from ray import serve
 
-        from rayllm_app.model_deployment import deployment_name
+        from rayllm_app.replica.deployment import deployment_name
     except ImportError:
         return None
     if not ray.is_initialized():

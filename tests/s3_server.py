@@ -1,6 +1,6 @@
 """A real S3 API on 127.0.0.1: moto's standalone server in a subprocess, so tests can kill it.
 
-Used by tests/test_s3_mirror.py and benchmarks/bench_s3_mirror.py. State lives in the server's
+Used by tests/storage/test_s3_mirror.py and benchmarks/bench_s3_mirror.py. State lives in the server's
 memory: after :meth:`MotoS3Server.kill` and :meth:`start` the buckets are empty again.
 """
 

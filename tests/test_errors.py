@@ -15,7 +15,7 @@ from rayllm_app.errors import (
     OverloadedError,
     error_body,
 )
-from rayllm_app.protocol import ErrorResponse, peek_body
+from rayllm_app.router.protocol import ErrorResponse, peek_body
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 

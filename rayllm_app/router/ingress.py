@@ -1,0 +1,483 @@
+"""The router: a FastAPI ingress that serves the OpenAI API and dispatches by ``model``.
+
+It checks keys and limits, answers ``/v1/models`` from the configs (never waking a
+model), and forwards every other API request (method, path, the headers that matter,
+the body bytes) to the deployment of the model the body names. The model's replica
+answers it with vLLM's own OpenAI application; its bytes pass straight through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rayllm_app.config.router_settings import RouterSettings
+from rayllm_app.errors import (
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    OpenAIError,
+    RequestTimeoutError,
+    ResponseNotFoundError,
+    error_body,
+)
+from rayllm_app.observability.metrics import (
+    collect_prometheus_text,
+    record_router_request,
+)
+from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply
+from rayllm_app.replica.stream_channel import (
+    ChannelClosed,
+    RouterChannels,
+    Subscription,
+    Ticket,
+)
+from rayllm_app.router.auth import ApiKey, KeyStore
+from rayllm_app.router.middleware import (
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    set_request_model,
+)
+from rayllm_app.router.model_calls import (
+    ModelCalls,
+    first_of,
+    sse_error,
+    translate_serve_error,
+    watch_call,
+)
+from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
+from rayllm_app.router.playground import mount_playground
+from rayllm_app.router.protocol import (
+    ENDPOINT_CAPABILITIES,
+    FORWARDED_BODY_SCHEMA,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    peek_body,
+)
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)
+}
+FORWARDED_OPENAPI = {"requestBody": {"required": True,
+                                     "content": {"application/json": {"schema": FORWARDED_BODY_SCHEMA}}}}
+RESPONSE_IDS_KEPT = 100_000  # response id -> model, for GET /v1/responses/{id}
+
+app = FastAPI(
+    title="rayllm-app",
+    description="OpenAI-compatible multi-model LLM serving on Ray Serve and vLLM.",
+    version="0.1.0",
+)
+mount_playground(app)  # GET / and /playground: compare models side by side in the browser
+
+
+def error_response(error: OpenAIError, model: str | None = None) -> JSONResponse:
+    """An error the router itself answers (the replicas count their own)."""
+    record_router_request(model, error.status_code)
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """The router's own parameters (paths, queries); request bodies are vLLM's to validate."""
+    first = (list(exc.errors()) or [{}])[0]
+    param = ".".join(str(part) for part in first.get("loc", ())) or None
+    return error_response(InvalidRequestError(f"Invalid value for '{param}': {first.get('msg', 'invalid value')}",
+                                              param=param))
+
+
+@app.exception_handler(OpenAIError)
+async def _on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
+    """Request ids and access logs, body limits, and CORS when origins are configured."""
+    if getattr(target.state, "rayllm_middleware", False):
+        return
+    target.state.rayllm_middleware = True
+    target.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.cors_allow_origins:
+        target.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Api-Key", "Anthropic-Version"],
+            expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
+    target.add_middleware(RequestIdMiddleware)
+
+
+def _reply(reply: Reply) -> Response:
+    return Response(reply.body, status_code=reply.status_code, headers=reply.headers)
+
+
+def _forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
+    headers = request.headers
+    return tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers)
+
+
+def _with_response_id(raw: bytes, data: dict[str, Any]) -> tuple[bytes, str]:
+    """A /v1/responses body and its response id: the client's ``request_id``, or one we add
+    (spliced into the bytes), so the router knows which model holds the stored response."""
+    given = data.get("request_id")
+    if isinstance(given, str) and given:
+        return raw, given
+    response_id = f"resp_{uuid.uuid4().hex}"
+    start = raw.index(b"{") + 1  # the body is a JSON object with at least "model"
+    return raw[:start] + b'"request_id":' + json.dumps(response_id).encode() + b"," + raw[start:], response_id
+
+
+@serve.deployment(
+    name="router",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+)
+@serve.ingress(app)
+class Router:
+    async def __init__(self, handles: list[DeploymentHandle], cards: list[dict[str, Any]],
+                       specs: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
+        self.settings = RouterSettings.model_validate(settings or {})
+        self.keys = KeyStore.from_settings(self.settings)
+        install_middleware(app, self.settings)
+        self.cards = [ModelCard.model_validate(card) for card in cards]
+        self.handles = {card.id: ModelCalls(handle) for card, handle in zip(self.cards, handles)}
+        self.capabilities = {card.id: frozenset(card.metadata.get("capabilities") or ()) for card in self.cards}
+        self.max_n = {spec["model_id"]: spec.get("max_n") for spec in specs}
+        self.response_models: OrderedDict[str, str] = OrderedDict()
+        self.status = ModelStatusTracker(serve.get_replica_context().app_name,
+                                         [ModelSpec(**spec) for spec in specs])
+        self.status.start()
+        self.channels = RouterChannels() if self.settings.stream_channel else None
+
+    def _caller(self, request: Request) -> ApiKey | None:
+        """The caller's key: ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
+        headers = request.headers
+        authorization = headers.get("authorization")
+        if authorization is None and (api_key := headers.get("x-api-key")):
+            authorization = f"Bearer {api_key}"
+        return self.keys.authenticate(authorization)
+
+    def _handle(self, model: str, caller: ApiKey | None) -> ModelCalls:
+        self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
+        set_request_model(model)
+        handle = self.handles.get(model)
+        if handle is None:
+            raise ModelNotFoundError(model, [m for m in self.handles if caller is None or caller.allows(m)])
+        state = self.status.state(model)
+        if state.state == FAILED:
+            raise ModelUnavailableError(f"Model '{model}' is unavailable: {state.message}", retry_after_s=30)
+        return handle
+
+    async def _through_cold_start(self, model: str, pending: Any) -> Any:
+        """Await a handle call; if the model has no running replica, bound the wait for one.
+
+        The call goes out at once (so a scaled-to-zero model scales up); only the wait for
+        a replica is bounded, never the generation itself.
+        """
+        state = self.status.state(model)
+        if state.state == READY:
+            return await pending
+        spec = self.status.specs[model]
+        task = asyncio.ensure_future(pending)
+        ready = asyncio.ensure_future(state.ready.wait())
+        try:
+            done, _ = await asyncio.wait({task, ready}, timeout=spec.cold_start_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if task in done or ready in done:
+            return await task
+        task.cancel()
+        reason = state.message or "its replica is still starting"
+        raise ModelUnavailableError(
+            f"Model '{model}' did not become ready within {spec.cold_start_timeout_s:g} s ({reason}). "
+            "Retry shortly.", retry_after_s=10)
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """Router liveness plus each model's state; never wakes a model."""
+        health = self.status.health()
+        health["stream_channel"] = self.channels.stats() if self.channels is not None else None
+        return JSONResponse(health)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self, request: Request) -> Response:
+        """Every node's rayllm_* metrics in Prometheus text (also scrapeable from Ray directly)."""
+        if self.settings.protect_metrics:
+            self._caller(request)
+        return Response(await collect_prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models(self, request: Request) -> ModelList:
+        caller = self._caller(request)
+        return ModelList(data=[c for c in self.cards if caller is None or caller.allows(c.id)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(self, model_id: str, request: Request) -> ModelCard:
+        caller = self._caller(request)
+        self.keys.authorize(caller, model_id)
+        for card in self.cards:
+            if card.id == model_id:
+                return card
+        raise ModelNotFoundError(model_id, [m for m in self.handles if caller is None or caller.allows(m)])
+
+    # Forwarded endpoints: vLLM's OpenAI layer in the model's replica answers them.
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/responses", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def responses(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def retrieve_response(self, response_id: str, request: Request) -> Response:
+        return await self._forward_stored_response(request, response_id, f"/v1/responses/{response_id}")
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=ERROR_RESPONSES)
+    async def cancel_response(self, response_id: str, request: Request) -> Response:
+        return await self._forward_stored_response(request, response_id, f"/v1/responses/{response_id}/cancel")
+
+    @app.post("/v1/messages", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def messages(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/messages/count_tokens", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def count_message_tokens(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def embeddings(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/score", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def score(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/v1/rerank", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def rerank(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES, openapi_extra=FORWARDED_OPENAPI)
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request)
+
+    def _timeout(self, request: Request) -> float | None:
+        """The router's request_timeout_s, lowered per request by an `X-Request-Timeout: <s>` header."""
+        limit = self.settings.request_timeout_s
+        raw = request.headers.get("x-request-timeout")
+        if raw is None:
+            return limit
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = -1.0
+        if not 0 < asked < 1e6:
+            raise InvalidRequestError("X-Request-Timeout must be a positive number of seconds.",
+                                      param="X-Request-Timeout")
+        return min(asked, limit) if limit else asked
+
+    async def _forward(self, request: Request) -> Response:
+        """Route a request by its body's ``model`` to that model's replicas."""
+        caller = self._caller(request)
+        timeout = self._timeout(request)
+        path = request.scope["route"].path  # without the application's route prefix
+        raw = await request.body()
+        peek = peek_body(raw)
+        handle = self._handle(peek.model, caller)
+        self._check_serves(peek.model, path, peek.n)
+        if path == "/v1/responses":
+            raw, response_id = _with_response_id(raw, peek.data)
+            self._remember_response(response_id, peek.model)
+        forwarded = ForwardedRequest("POST", path, raw, request.url.query, _forwarded_headers(request))
+        return await self._dispatch(forwarded, peek.model, peek.stream, handle, timeout)
+
+    def _check_serves(self, model: str, path: str, n: Any) -> None:
+        """A clear 400 for an endpoint the model does not serve, or an ``n`` above its limit."""
+        capabilities = self.capabilities[model]
+        if ENDPOINT_CAPABILITIES[path] not in capabilities:
+            served = sorted(p for p, needed in ENDPOINT_CAPABILITIES.items() if needed in capabilities)
+            raise InvalidRequestError(
+                f"Model '{model}' does not serve {path}; it serves {', '.join(served) or 'no endpoint'} "
+                f"(capabilities: {', '.join(sorted(capabilities))}). Send this request to a model whose "
+                "card in GET /v1/models lists the capability it needs.", param="model", code="unsupported_endpoint")
+        limit = self.max_n[model]
+        if limit is not None and isinstance(n, int) and not isinstance(n, bool) and n > limit:
+            raise InvalidRequestError(f"n must be at most {limit} for model '{model}'.", param="n")
+
+    def _remember_response(self, response_id: str, model: str) -> None:
+        self.response_models[response_id] = model
+        self.response_models.move_to_end(response_id)
+        while len(self.response_models) > RESPONSE_IDS_KEPT:
+            self.response_models.popitem(last=False)
+
+    async def _forward_stored_response(self, request: Request, response_id: str, path: str) -> Response:
+        """GET or cancel a stored response: at the model that answered it, where the router
+        remembers it; otherwise every running model that serves responses is asked in turn (a
+        router restarted, or another router took the request). A model with no running
+        replica holds no stored response, so it is not woken for this."""
+        caller = self._caller(request)
+        timeout = self._timeout(request)
+        known = self.response_models.get(response_id)
+        candidates = [known] if known else [
+            m for m, caps in self.capabilities.items() if "responses" in caps
+            and (caller is None or caller.allows(m)) and self.status.state(m).state == READY]
+        forwarded = ForwardedRequest(request.method, path, b"", request.url.query, _forwarded_headers(request))
+        response: Response | None = None
+        for model in candidates:
+            response = await self._dispatch(forwarded, model, False, self._handle(model, caller), timeout)
+            if response.status_code != 404:
+                return response
+        return response or error_response(ResponseNotFoundError(response_id), None)
+
+    async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool,
+                        handle: ModelCalls, timeout: float | None) -> Response:
+        if not stream:
+            response = handle.unary.remote(forwarded)
+            call = self._through_cold_start(model, response)
+            try:
+                result = await (asyncio.wait_for(call, timeout) if timeout else call)
+            except asyncio.TimeoutError:
+                response.cancel()  # aborts the engine request
+                return error_response(RequestTimeoutError(timeout or 0), model)
+            except asyncio.CancelledError:  # the client went away
+                response.cancel()
+                raise
+            except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
+                return error_response(translate_serve_error(error, model), model)
+            return _reply(result)
+        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+        sub = self.channels.open() if self.channels is not None else None
+        try:
+            stream_call, first = await self._open_stream(handle, forwarded, model, sub, timeout)
+            if isinstance(first, Ticket):
+                first = await self._first_on_channel(stream_call, first, sub, model, deadline, timeout)
+                if first is None:  # the replica's channel is unreachable: stream this one over Ray
+                    self.channels.close(sub)
+                    sub = None
+                    stream_call, first = await self._open_stream(handle, forwarded, model, None, timeout)
+            elif sub is not None:  # the replica streams over Ray (it has no channel)
+                self.channels.close(sub)
+                sub = None
+        except BaseException as error:
+            if sub is not None:
+                self.channels.close(sub)
+            if isinstance(error, OpenAIError):
+                return error_response(error, model)
+            raise
+        if not isinstance(first, Reply):
+            stream_call.cancel()
+            if sub is not None:
+                self.channels.close(sub)
+            return error_response(EngineError(f"Model '{model}' answered without a reply head."), model)
+        if not (first.is_stream and first.status_code == 200):  # an error, or a whole answer
+            stream_call.cancel()
+            if sub is not None:
+                self.channels.close(sub)
+            return _reply(first)
+        relay = (self._relay(first.body, stream_call, model, deadline, timeout) if sub is None
+                 else self._relay_channel(first.body, stream_call, sub, model, deadline, timeout))
+        return StreamingResponse(relay, headers={**first.headers, **SSE_HEADERS},
+                                 media_type=first.headers.get("content-type"))
+
+    async def _open_stream(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
+                           sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
+        """Start the streaming call and wait for its first item (ticket or Reply)."""
+        args = (forwarded, sub.request) if sub is not None else (forwarded,)
+        stream = handle.streaming.remote(*args)
+        first_item = self._through_cold_start(model, stream.__anext__())
+        return stream, await first_of(stream, first_item, model, timeout)
+
+    async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription, model: str,
+                                deadline: float | None, timeout: float | None) -> Reply | bytes | None:
+        """Join the replica's channel and wait for the stream's first frame; None if the
+        replica's channel cannot be reached (the call is cancelled, nothing was sent)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if not self.channels.usable(ticket):
+                raise ChannelClosed("marked unreachable")
+            await self.channels.attach(sub, ticket)
+        except ChannelClosed:
+            stream.cancel()
+            return None
+        sub.watch(watch_call(stream, sub, model))
+        first = await first_of(stream, sub.get(), model, timeout,
+                                limit=max(deadline - loop.time(), 0) if deadline else None)
+        if first is None:
+            raise EngineError(f"Model '{model}' ended the stream without output.")
+        return first
+
+    async def _relay_channel(self, first: bytes, stream: Any, sub: Subscription, model: str,
+                             deadline: float | None, timeout: float | None) -> AsyncIterator[bytes]:
+        """Pass the channel's SSE frames through; a failure mid-stream becomes an error event."""
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
+        try:
+            yield first
+            while (chunk := await sub.get()) is not None:
+                if isinstance(chunk, bytes):
+                    yield chunk
+        except OpenAIError as error:
+            yield sse_error(error)
+        except Exception as error:  # noqa: BLE001
+            yield sse_error(translate_serve_error(error, model))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            stream.cancel()
+            self.channels.close(sub)
+
+    async def _relay(self, first: bytes, stream: Any, model: str, deadline: float | None,
+                     timeout: float | None) -> AsyncIterator[bytes]:
+        """Pass the replica's SSE frames through; a failure mid-stream becomes an error event."""
+        loop = asyncio.get_running_loop()
+        try:
+            yield first
+            if deadline is None:
+                async for chunk in stream:
+                    yield chunk
+            else:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0))
+                    except StopAsyncIteration:
+                        break
+                    yield chunk
+        except asyncio.TimeoutError:
+            yield sse_error(RequestTimeoutError(timeout or 0))
+        except Exception as error:  # noqa: BLE001
+            yield sse_error(translate_serve_error(error, model))
+        finally:
+            stream.cancel()
