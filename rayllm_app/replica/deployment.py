@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -67,45 +68,22 @@ class ModelServer:
 
     async def forward_stream(self, request: ForwardedRequest, channel: ChannelRequest | None = None
                              ) -> AsyncIterator[Reply | bytes | Ticket]:
-        """The answer as it is produced: its Reply (status, headers, first bytes), then bytes."""
-        async for item in self._deliver(self._serve(request), channel):
-            yield item
+        """The answer as it is produced: its Reply (status, headers, first bytes), then bytes.
 
-    async def _serve(self, request: ForwardedRequest) -> AsyncIterator[Reply | bytes]:
-        """vLLM's answer to one request, counted in the replica's request metrics."""
-        if self.defaults.active:
-            request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
-        timer = self.metrics.start()
-        items = self.engine.handle(request)
-        try:
-            async for item in items:
-                if isinstance(item, Reply):
-                    timer.status = item.status_code
-                elif item.startswith(b'data: {"error"'):
-                    timer.status = 500  # failed after the stream began; the client saw a 200
-                yield item
-        except BaseException as error:
-            timer.status = status_of(error)
-            raise
-        finally:
-            timer.finish()
-            await items.aclose()
-
-    async def _deliver(self, items: AsyncIterator[Reply | bytes], channel: ChannelRequest | None
-                       ) -> AsyncIterator[Reply | bytes | Ticket]:
-        """Yield the stream over Ray, or, when the router asked for the stream channel,
-        yield only its ticket and send the bytes on the channel (see stream_channel)."""
+        Over Ray, every item is yielded. When the router asked for the stream channel, only
+        the channel's ticket is yielded, and the bytes go on the channel (see stream_channel):
+        the Reply from here, the rest straight from vLLM's application as it writes them.
+        """
         server = await self._channel_server() if channel is not None else None
         if server is None:
-            try:
+            async with contextlib.aclosing(self._serve(request)) as items:
                 async for item in items:
                     yield item
-            finally:
-                await items.aclose()
             return
+        send = functools.partial(server.send, channel)
         # The engine starts on the request now, while the ticket travels back over Ray (the
         # channel holds frames until the router connects): prefill does not wait for it.
-        pump = asyncio.ensure_future(_pump(items, server, channel))
+        pump = asyncio.ensure_future(_pump(self._serve(request, sink=send), send, server, channel))
         try:
             yield server.ticket
             await pump  # cancelling this call cancels the pump, which aborts the engine request
@@ -113,6 +91,37 @@ class ModelServer:
             if not pump.done():
                 pump.cancel()
                 await asyncio.wait([pump])
+
+    async def _serve(self, request: ForwardedRequest, sink: Callable[[bytes], None] | None = None
+                     ) -> AsyncIterator[Reply | bytes]:
+        """vLLM's answer to one request, counted in the replica's request metrics; with a
+        sink, a stream's bytes after its Reply go to the sink (see call_asgi)."""
+        if self.defaults.active:
+            request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
+        timer = self.metrics.start()
+
+        def watch(chunk: bytes) -> bool:
+            if chunk.startswith(b'data: {"error"'):
+                timer.status = 500  # failed after the stream began; the client saw a 200
+            return True
+
+        if sink is not None:
+            deliver = sink
+            sink = lambda chunk: watch(chunk) and deliver(chunk)  # noqa: E731
+        items = self.engine.handle(request, sink)
+        try:
+            async for item in items:
+                if isinstance(item, Reply):
+                    timer.status = item.status_code
+                else:
+                    watch(item)
+                yield item
+        except BaseException as error:
+            timer.status = status_of(error)
+            raise
+        finally:
+            timer.finish()
+            await items.aclose()
 
     async def _channel_server(self) -> ReplicaChannelServer | None:
         """Started on first use, on the loop that runs the requests; None if it cannot listen."""
@@ -145,14 +154,12 @@ class ModelServer:
             engine.shutdown()
 
 
-async def _pump(items: AsyncIterator[Reply | bytes], server: ReplicaChannelServer,
-                request: ChannelRequest) -> None:
-    try:
+async def _pump(items: AsyncIterator[Reply | bytes], send: Callable[[Reply | bytes], None],
+                server: ReplicaChannelServer, request: ChannelRequest) -> None:
+    async with contextlib.aclosing(items):
         async for item in items:
-            server.send(request, item)
-        server.end(request)
-    finally:
-        await items.aclose()
+            send(item)
+    server.end(request)
 
 
 def _current_placement_group() -> Any | None:

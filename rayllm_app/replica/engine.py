@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rayllm_app.config import ModelConfig
@@ -107,9 +107,10 @@ class VLLMEngine:
             served._stats_task = asyncio.ensure_future(served._log_stats())
         return served
 
-    def handle(self, request: ForwardedRequest) -> AsyncIterator[Reply | bytes]:
-        """Serve one forwarded HTTP request with vLLM's OpenAI application."""
-        return call_asgi(self.app, request)
+    def handle(self, request: ForwardedRequest, sink: Callable[[bytes], None] | None = None
+               ) -> AsyncIterator[Reply | bytes]:
+        """Serve one forwarded HTTP request with vLLM's OpenAI application (see call_asgi)."""
+        return call_asgi(self.app, request, sink)
 
     async def _log_stats(self) -> None:
         """vLLM's periodic throughput line ("Avg prompt throughput ..."), as `vllm serve`'s

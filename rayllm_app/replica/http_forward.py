@@ -10,7 +10,7 @@ or, for an event stream, its first bytes) followed, for streams, by more bytes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +45,18 @@ class Reply:
         return self.headers.get("content-type", "").startswith("text/event-stream")
 
 
-async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply | bytes]:
+async def call_asgi(app: Any, request: ForwardedRequest,
+                    sink: Callable[[bytes], None] | None = None) -> AsyncIterator[Reply | bytes]:
     """Run one request through an ASGI application in this process.
 
     Yields one :class:`Reply`, then, when the answer is an event stream, its further bytes
     as the application writes them. A plain answer arrives whole in the Reply; a stream's
     Reply holds its first bytes, so a failure before any output keeps its HTTP status.
+
+    With a ``sink``, a stream's further bytes go to it straight from the application's
+    ``send`` (no queue, no task switch per token: the replica's hot path) and the generator
+    yields only the Reply, returning when the stream ends.
+
     Closing the generator (the client went away, the call was cancelled) reports a
     disconnect to the application, which aborts the engine request, and cancels what is left
     of it after a short grace.
@@ -58,6 +64,7 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply 
     messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
     disconnected = asyncio.Event()
     body_sent = False
+    direct: Callable[[bytes], None] | None = None  # the sink, once the Reply has gone out
 
     async def receive() -> dict[str, Any]:
         nonlocal body_sent
@@ -68,6 +75,12 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply 
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
+        if direct is not None and message["type"] == "http.response.body":
+            if chunk := message.get("body", b""):
+                direct(chunk)
+            if not message.get("more_body", False):
+                messages.put_nowait(None)
+            return
         messages.put_nowait(message)
 
     async def run() -> None:
@@ -93,24 +106,20 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply 
         body = bytearray()
         more = True
         while more:
-            message = await _next(messages)
-            if message is None:
-                break
-            if message.get("type") != "http.response.body":
-                continue
-            body += message.get("body", b"")
-            more = bool(message.get("more_body", False))
+            chunk, more = await _body(messages)
+            body += chunk
             if stream and body:
                 break
         yield Reply(head.status_code, bytes(body), headers)
+        if more and sink is not None:
+            while more and not messages.empty():  # what came meanwhile goes first, in order
+                chunk, more = await _body(messages)
+                if chunk:
+                    sink(chunk)
+            direct = sink
         while more:
-            message = await _next(messages)
-            if message is None:
-                break
-            if message.get("type") != "http.response.body":
-                continue
-            more = bool(message.get("more_body", False))
-            if chunk := message.get("body", b""):
+            chunk, more = await _body(messages)
+            if chunk:
                 yield chunk
     finally:
         # Tell the application first, as a server tells it a client hung up: vLLM's handlers
@@ -122,6 +131,16 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[Reply 
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _body(messages: asyncio.Queue) -> tuple[bytes, bool]:
+    """The next body bytes and whether more follow; (b"", False) at the application's end."""
+    while True:
+        message = await _next(messages)
+        if message is None:
+            return b"", False
+        if message.get("type") == "http.response.body":
+            return message.get("body", b""), bool(message.get("more_body", False))
 
 
 async def _next(messages: asyncio.Queue) -> dict[str, Any] | None:

@@ -334,7 +334,7 @@ class FakeEngine:
     def shutdown(self) -> None:
         pass
 
-    async def handle(self, request: Any):
+    async def handle(self, request: Any, sink: Any = None):
         for item in self.script:
             if isinstance(item, BaseException):
                 raise item

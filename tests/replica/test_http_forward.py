@@ -166,3 +166,31 @@ def test_a_disconnect_reaches_handlers_that_run_their_work_in_a_task():
 
     asyncio.run(asyncio.wait_for(run(), 10))
     assert seen == ["inner cancelled"]
+
+
+def test_a_sink_takes_a_streams_bytes_straight_from_the_application():
+    """The replica's channel path: after the Reply, chunks go to the sink from the app's own
+    send (in order, none lost), and the generator yields nothing more."""
+    received: list[bytes] = []
+
+    async def run() -> list:
+        items = []
+        async with contextlib.aclosing(call_asgi(app, ForwardedRequest("POST", "/stream", b'{"count": 5}'),
+                                                 sink=received.append)) as generator:
+            async for item in generator:
+                items.append(item)
+        return items
+
+    items = asyncio.run(asyncio.wait_for(run(), 10))
+    assert len(items) == 1 and isinstance(items[0], Reply) and items[0].body == b"data: 0\n\n"
+    assert b"".join(received) == b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\ndata: [DONE]\n\n"
+
+
+def test_a_sink_leaves_plain_answers_whole():
+    received: list[bytes] = []
+
+    async def run() -> list:
+        return [item async for item in call_asgi(app, ForwardedRequest("POST", "/bad", b"{}"), sink=received.append)]
+
+    (reply,) = asyncio.run(run())
+    assert reply.status_code == 400 and received == []
