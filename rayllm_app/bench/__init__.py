@@ -15,24 +15,7 @@ Library use::
 
 from __future__ import annotations
 
-from rayllm_app.bench.runner import (
-    BenchConfig,
-    BenchResult,
-    Stats,
-    add_arguments,
-    main,
-    parse_len_dist,
-    run,
-    run_benchmark,
-)
+from rayllm_app.bench import runner as _runner
+from rayllm_app.bench.runner import *  # noqa: F403 - the package's API is the runner's __all__
 
-__all__ = [
-    "BenchConfig",
-    "BenchResult",
-    "Stats",
-    "add_arguments",
-    "main",
-    "parse_len_dist",
-    "run",
-    "run_benchmark",
-]
+__all__ = _runner.__all__
