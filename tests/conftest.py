@@ -338,3 +338,19 @@ def _stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def drain(stream, limit: int | None = None, timeout_s: float = 10.0) -> list:
+    """Every item of an async iterator (closing it after ``limit`` items), on a fresh event loop."""
+    import asyncio
+
+    async def run() -> list:
+        items = []
+        async for item in stream:
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                await stream.aclose()
+                break
+        return items
+
+    return asyncio.run(asyncio.wait_for(run(), timeout_s))

@@ -165,7 +165,6 @@ class Router:
         self.cards = [ModelCard.model_validate(card) for card in cards]
         self.handles = {card.id: ModelCalls(handle) for card, handle in zip(self.cards, handles)}
         self.capabilities = {card.id: frozenset(card.metadata.get("capabilities") or ()) for card in self.cards}
-        self.max_n = {spec["model_id"]: spec.get("max_n") for spec in specs}
         self.response_models: OrderedDict[str, str] = OrderedDict()
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
@@ -332,7 +331,7 @@ class Router:
                 f"Model '{model}' does not serve {path}; it serves {', '.join(served) or 'no endpoint'} "
                 f"(capabilities: {', '.join(sorted(capabilities))}). Send this request to a model whose "
                 "card in GET /v1/models lists the capability it needs.", param="model", code="unsupported_endpoint")
-        limit = self.max_n[model]
+        limit = self.status.specs[model].max_n
         if limit is not None and isinstance(n, int) and not isinstance(n, bool) and n > limit:
             raise InvalidRequestError(f"n must be at most {limit} for model '{model}'.", param="n")
 

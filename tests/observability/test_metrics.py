@@ -24,6 +24,7 @@ from rayllm_app.observability.metrics import (
     record_router_request,
     status_of,
 )
+from tests.conftest import drain
 
 # ------------------------------------------------------------------ helpers
 
@@ -355,19 +356,6 @@ def fake_server(script: list[Any], registry: FakeRegistry) -> Any:
 
 def statuses(registry: FakeRegistry) -> list[str]:
     return [c[2]["status"] for c in registry.metrics["rayllm_requests_total"].calls]
-
-
-def drain(stream: Any, limit: int | None = None) -> list[Any]:
-    async def run() -> list[Any]:
-        items = []
-        async for item in stream:
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                await stream.aclose()
-                break
-        return items
-
-    return asyncio.run(run())
 
 
 def test_replica_counts_statuses():

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from rayllm_app.config import GenerationConfig
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, call_asgi
 from rayllm_app.replica.request_defaults import RequestDefaults, merged_stop
+from tests.conftest import drain
 
 app = FastAPI()
 events: list[str] = []
@@ -49,17 +50,7 @@ async def stream(request: Request) -> StreamingResponse:
 
 
 def collect(request: ForwardedRequest, limit: int | None = None) -> list:
-    async def run() -> list:
-        items = []
-        generator = call_asgi(app, request)
-        async for item in generator:
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                await generator.aclose()
-                break
-        return items
-
-    return asyncio.run(asyncio.wait_for(run(), 10))
+    return drain(call_asgi(app, request), limit)
 
 
 def test_a_plain_answer_arrives_whole_with_status_and_headers():
