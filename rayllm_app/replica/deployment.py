@@ -100,15 +100,15 @@ class ModelServer:
             request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
         timer = self.metrics.start()
 
-        def watch(chunk: bytes) -> bool:
+        def watch(chunk: bytes) -> None:
             if chunk.startswith(b'data: {"error"'):
                 timer.status = 500  # failed after the stream began; the client saw a 200
-            return True
 
-        if sink is not None:
-            deliver = sink
-            sink = lambda chunk: watch(chunk) and deliver(chunk)  # noqa: E731
-        items = self.engine.handle(request, sink)
+        def metered(chunk: bytes) -> None:
+            watch(chunk)
+            sink(chunk)
+
+        items = self.engine.handle(request, metered if sink is not None else None)
         try:
             async for item in items:
                 if isinstance(item, Reply):
