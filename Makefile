@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.rayllm-setup-$(shell cat pyproject.toml Makefile | cksum | cu
 MODEL  ?= models/smollm2-135m-instruct.yaml
 PORT   ?= 8000
 
-.PHONY: setup run test test-fast default-model clean browser
+.PHONY: setup run test test-fast default-model clean browser redis
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ test-fast: setup
 # download). Needs root; without it the browser test skips.
 browser:
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# Debian's redis-server, for the tests of key budgets shared through Redis (tests/tenancy,
+# tests/e2e/test_budgets_e2e.py). Needs root; without it those tests skip.
+redis:
+	test -x /usr/bin/redis-server || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,6 +65,9 @@ def model_spec(config: ModelConfig) -> dict[str, Any]:
         "pg_timeout_s": config.scaling_config.pg_timeout_s,
         "cold_start_timeout_s": config.deployment_config.cold_start_timeout_s,
         "max_n": config.engine_config.generation.max_n,
+        "max_ongoing_requests": config.deployment_config.max_ongoing_requests,
+        "priority_scheduling": config.engine_config.engine_kwargs.get("scheduling_policy") == "priority",
+        "default_max_tokens": config.engine_config.generation.sampling_defaults().get("max_tokens"),
     }
 
 
@@ -75,7 +78,8 @@ def router_deployment(settings: RouterSettings):
     if env_vars:
         options["runtime_env"] = {"env_vars": env_vars}
     # Our JSON access log (middleware) replaces Serve's per-request line.
-    return Router.options(ray_actor_options=options, logging_config={"enable_access_log": False})
+    return Router.options(ray_actor_options=options, logging_config={"enable_access_log": False},
+                          autoscaling_config={"min_replicas": settings.replicas, "max_replicas": settings.replicas})
 
 
 def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None = None,

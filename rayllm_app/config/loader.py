@@ -31,8 +31,8 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
-def format_validation_error(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid model config ({error.error_count()} error(s))"]
+def format_validation_error(source: str, error: ValidationError, what: str = "model config") -> str:
+    lines = [f"{source}: invalid {what} ({error.error_count()} error(s))"]
     for item in error.errors(include_url=False):
         message = item["msg"]
         if item["type"] == "extra_forbidden":

@@ -6,6 +6,8 @@ appear here: only where to read them (an environment variable or a file).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -26,6 +28,16 @@ class RouterSettings(BaseModel):
         True, description="Model replicas send streamed responses to the router over a direct TCP "
         "connection (one per replica and router) instead of one Ray message per chunk; falls back "
         "to Ray when the replica's node cannot be reached.")
+    replicas: int = Field(
+        1, ge=1, le=64, description="Router replicas. Key budgets hold across all of them (limits_store).")
+    limits_store: str | None = Field(
+        None, description="Where key budgets and usage history live, shared by every router replica: "
+        "unset or 'embedded' for a Ray actor in this cluster (no extra service), or a Redis URL "
+        "(redis://host:6379/0, rediss://..., unix://...) for production.")
+    limits_store_failure: Literal["open", "closed"] = Field(
+        "open", description="When the limits store cannot be reached: 'open' serves without "
+        "enforcing budgets (logged), 'closed' answers 503.")
+    limits_store_timeout_s: float = Field(0.5, gt=0, le=30, description="How long one store call may take.")
     propagate_env: list[str] = Field(
         default_factory=lambda: ["RAYLLM_API_KEYS"],
         description="Variables copied from the building environment into the router's replicas.")

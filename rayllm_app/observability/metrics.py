@@ -67,6 +67,15 @@ METRICS: dict[str, tuple] = {
     "rayllm_prefix_cache_hits_total": (
         "counter", "Prompt tokens found in the prefix cache.", ("model",)),
     "rayllm_preemptions_total": ("counter", "Requests preempted by the engine's scheduler.", ("model",)),
+    # Usage per API key *name* (never the key), counted by the router from the engine's counts.
+    "rayllm_key_requests_total": (
+        "counter", "Requests per API key name and model, by HTTP status; key=anonymous when "
+        "authentication is off.", ("key", "model", "status")),
+    "rayllm_key_prompt_tokens_total": ("counter", "Prompt tokens per API key name and model.", ("key", "model")),
+    "rayllm_key_completion_tokens_total": (
+        "counter", "Completion tokens per API key name and model.", ("key", "model")),
+    "rayllm_rate_limited_total": (
+        "counter", "Requests refused by a key's budget, by the limit that refused them.", ("key", "model", "limit")),
 }
 
 _registry: dict[str, Any] = {}
@@ -160,6 +169,35 @@ class RequestTimer:
 
 
 _router_tags: dict[tuple[str, int], dict[str, str]] = {}
+_key_tags: dict[tuple[str, ...], dict[str, str]] = {}
+
+
+def _tags(*values: str, keys: tuple[str, ...]) -> dict[str, str]:
+    tags = _key_tags.get(values)
+    if tags is None:
+        tags = _key_tags[values] = dict(zip(keys, values))
+    return tags
+
+
+def record_key_usage(key: str, model: str, status: int, prompt_tokens: int, completion_tokens: int) -> None:
+    """One finished request of an API key (by name) on a model. Never raises."""
+    try:
+        ray_metric("rayllm_key_requests_total").inc(1, tags=_tags(key, model, str(status),
+                                                                 keys=("key", "model", "status")))
+        if prompt_tokens:
+            ray_metric("rayllm_key_prompt_tokens_total").inc(prompt_tokens, tags=_tags(key, model, keys=("key", "model")))
+        if completion_tokens:
+            ray_metric("rayllm_key_completion_tokens_total").inc(
+                completion_tokens, tags=_tags(key, model, keys=("key", "model")))
+    except Exception:  # noqa: BLE001
+        logger.exception("recording key usage metrics failed")
+
+
+def record_rate_limited(key: str, model: str, limit: str) -> None:
+    try:
+        ray_metric("rayllm_rate_limited_total").inc(1, tags=_tags(key, model, limit, keys=("key", "model", "limit")))
+    except Exception:  # noqa: BLE001
+        logger.exception("recording rate-limit metrics failed")
 
 
 def record_router_request(model: str | None, status: int) -> None:

@@ -18,13 +18,14 @@ from ray.serve.deployment import Application
 from rayllm_app.config import ModelConfig, parse_model_config
 from rayllm_app.observability.metrics import ModelMetrics, status_of
 from rayllm_app.replica.engine_guard import start_guard
-from rayllm_app.replica.http_forward import ForwardedRequest, Reply
+from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
 from rayllm_app.replica.request_defaults import RequestDefaults
 from rayllm_app.replica.stream_channel import (
     ChannelRequest,
     ReplicaChannelServer,
     Ticket,
 )
+from rayllm_app.replica.usage_meter import REQUEST_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ class ModelServer:
         logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)
 
     async def forward(self, request: ForwardedRequest) -> Reply:
-        """A whole answer (the router did not ask for a stream)."""
+        """A whole answer (the router did not ask for a stream), with its usage."""
         reply: Reply | None = None
+        usage: Usage | None = None
         body = bytearray()
         # aclosing: a cancelled call (the client went away, a timeout) must close the stream
         # now, which cancels vLLM's handler and aborts the engine request, not when GC runs.
@@ -61,14 +63,17 @@ class ModelServer:
                 if isinstance(item, Reply):
                     reply = item
                     body += item.body
+                elif isinstance(item, Usage):
+                    usage = item
                 else:
                     body += item
         assert reply is not None
-        return Reply(reply.status_code, bytes(body), reply.headers) if len(body) != len(reply.body) else reply
+        return Reply(reply.status_code, bytes(body), reply.headers, usage)
 
     async def forward_stream(self, request: ForwardedRequest, channel: ChannelRequest | None = None
-                             ) -> AsyncIterator[Reply | bytes | Ticket]:
-        """The answer as it is produced: its Reply (status, headers, first bytes), then bytes.
+                             ) -> AsyncIterator[Reply | bytes | Usage | Ticket]:
+        """The answer as it is produced: its Reply (status, headers, first bytes), then bytes,
+        then its Usage.
 
         Over Ray, every item is yielded. When the router asked for the stream channel, only
         the channel's ticket is yielded, and the bytes go on the channel (see stream_channel):
@@ -93,12 +98,15 @@ class ModelServer:
                 await asyncio.wait([pump])
 
     async def _serve(self, request: ForwardedRequest, sink: Callable[[bytes], None] | None = None
-                     ) -> AsyncIterator[Reply | bytes]:
-        """vLLM's answer to one request, counted in the replica's request metrics; with a
-        sink, a stream's bytes after its Reply go to the sink (see call_asgi)."""
+                     ) -> AsyncIterator[Reply | bytes | Usage]:
+        """vLLM's answer to one request, counted in the replica's request metrics, and last
+        the tokens it used (an answer cut short yields none); with a sink, a stream's bytes
+        after its Reply go to the sink (see call_asgi)."""
         if self.defaults.active:
             request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
         timer = self.metrics.start()
+        usage = Usage()
+        REQUEST_USAGE.set(usage)  # vLLM's handler tasks, started below, inherit it
 
         def watch(chunk: bytes) -> None:
             if chunk.startswith(b'data: {"error"'):
@@ -116,6 +124,7 @@ class ModelServer:
                 else:
                     watch(item)
                 yield item
+            yield usage
         except BaseException as error:
             timer.status = status_of(error)
             raise
@@ -154,12 +163,16 @@ class ModelServer:
             engine.shutdown()
 
 
-async def _pump(items: AsyncIterator[Reply | bytes], send: Callable[[Reply | bytes], None],
+async def _pump(items: AsyncIterator[Reply | bytes | Usage], send: Callable[[Reply | bytes], None],
                 server: ReplicaChannelServer, request: ChannelRequest) -> None:
+    usage = None
     async with contextlib.aclosing(items):
         async for item in items:
-            send(item)
-    server.end(request)
+            if isinstance(item, Usage):
+                usage = item
+            else:
+                send(item)
+    server.end(request, usage)
 
 
 def _current_placement_group() -> Any | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from rayllm_app.config import ModelConfig
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, call_asgi
+from rayllm_app.replica.usage_meter import meter_engine
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class VLLMEngine:
         engine = AsyncLLM.from_engine_args(
             args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers)
         _drop_unread_prometheus_logger(engine)
+        meter_engine(engine)  # each request's tokens, for the router's budgets
         try:
             app = await build_openai_app(engine, {**kwargs, **config.engine_config.vllm_frontend_kwargs()})
         except BaseException:

@@ -32,13 +32,28 @@ class ForwardedRequest:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(slots=True)
+class Usage:
+    """The tokens the engine prefilled and generated for one request, as it counted them
+    (see rayllm_app.replica.usage_meter): what the router charges to the caller's budget."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The head of a replica's answer: status, headers, and the body (or a stream's first bytes)."""
+    """The head of a replica's answer: status, headers, and the body (or a stream's first
+    bytes); a whole answer also carries its usage."""
 
     status_code: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    usage: Usage | None = None
 
     @property
     def is_stream(self) -> bool:

@@ -14,7 +14,8 @@ only to the connection that presented that router's id: 128 random bits the rout
 passes over Ray, never over the channel's network.
 
 Wire format: the router opens with ``HELLO + router id``; the replica then sends frames
-``stream id (u64) | kind (u8) | length (u32) | payload``.
+``stream id (u64) | kind (u8) | length (u32) | payload``. An END frame's payload is the
+stream's usage (prompt and completion tokens, two u32), or empty when it has none.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from rayllm_app.replica.http_forward import Reply
+from rayllm_app.replica.http_forward import Reply, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ChannelClosed(ConnectionError):
 
 
 _HEAD_LENGTH = struct.Struct("!I")
+_USAGE = struct.Struct("!II")
 
 
 def _encode_reply(reply: Reply) -> bytes:
@@ -190,8 +192,9 @@ class ReplicaChannelServer:
         else:
             self._peer(request.router_id).write(request.stream_id, DATA, item)
 
-    def end(self, request: ChannelRequest) -> None:
-        self._peer(request.router_id).write(request.stream_id, END, b"")
+    def end(self, request: ChannelRequest, usage: Usage | None = None) -> None:
+        payload = _USAGE.pack(usage.prompt_tokens, usage.completion_tokens) if usage is not None else b""
+        self._peer(request.router_id).write(request.stream_id, END, payload)
 
     def describe(self) -> dict[str, Any]:
         connected = [peer for peer in self._peers.values() if peer.transport is not None]
@@ -214,7 +217,7 @@ def _node_ip() -> str:
 class Subscription:
     """One stream's frames as the router receives them, in order."""
 
-    __slots__ = ("request", "items", "waiter", "ended", "error", "connection", "watcher")
+    __slots__ = ("request", "items", "waiter", "ended", "error", "connection", "watcher", "usage")
 
     def __init__(self, request: ChannelRequest) -> None:
         self.request = request
@@ -224,6 +227,7 @@ class Subscription:
         self.error: BaseException | None = None
         self.connection: _RouterProtocol | None = None
         self.watcher: asyncio.Future | None = None
+        self.usage: Usage | None = None  # from the END frame
 
     def watch(self, coroutine: Any) -> None:
         """Run a task for as long as the stream is open (cancelled when it closes)."""
@@ -238,7 +242,8 @@ class Subscription:
         self.items.append(item)
         self._wake()
 
-    def end(self) -> None:
+    def end(self, usage: Usage | None = None) -> None:
+        self.usage = usage
         self.ended = True
         self._wake()
 
@@ -299,7 +304,8 @@ class _RouterProtocol(asyncio.Protocol):
                 if kind == DATA:
                     sub.push(bytes(buffer[offset + header:end]))
                 elif kind == END:
-                    sub.end()
+                    sub.end(Usage(*_USAGE.unpack_from(buffer, offset + header)) if length == _USAGE.size
+                            else None)
                 else:
                     sub.push(_decode_reply(bytes(buffer[offset + header:end])))
             offset = end

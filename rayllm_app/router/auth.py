@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>``, with an optional per-key model allow-list.
+"""API keys: ``Authorization: Bearer <key>``, with an optional per-key model allow-list,
+budgets and priority (rayllm_app.config.key_config).
 
 Keys are held only as SHA-256 digests and every candidate is compared (in constant time)
 on each request, so neither timing nor logs reveal a key.
@@ -10,11 +11,14 @@ import hashlib
 import hmac
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
+from rayllm_app.config.key_config import KeyFile, KeyLimits, Priority, parse_env_options
+from rayllm_app.config.loader import format_validation_error
 from rayllm_app.config.router_settings import RouterSettings
 from rayllm_app.errors import OpenAIError
 
@@ -41,26 +45,42 @@ class ApiKey:
     name: str
     digest: bytes
     models: frozenset[str] | None  # None: every model
+    priority: Priority = "normal"
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    model_limits: tuple[tuple[str, KeyLimits], ...] = ()
+    admin: bool = False
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def limits_for(self, model: str) -> KeyLimits | None:
+        for name, limits in self.model_limits:
+            if name == model:
+                return limits
+        return None
+
+    @property
+    def limited(self) -> bool:
+        return self.limits.any or any(limits.any for _, limits in self.model_limits)
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def _entry(key: str, name: str, models: list[str] | None) -> ApiKey:
-    return ApiKey(name=name, digest=_digest(key), models=frozenset(models) if models else None)
-
-
 def parse_env_keys(value: str) -> list[ApiKey]:
+    """``KEY``, ``KEY:model-a|model-b`` or ``KEY:models:rpm=60;tpm=10000;concurrency=4;priority=low``
+    entries, comma-separated (an empty models part allows every model)."""
     keys = []
     for index, item in enumerate(part.strip() for part in value.split(",")):
         if not item:
             continue
-        key, _, models = item.partition(":")
-        keys.append(_entry(key, f"env-{index}", [m for m in models.split("|") if m] or None))
+        key, _, rest = item.partition(":")
+        models, _, options = rest.partition(":")
+        limits, priority = parse_env_options(options, f"API key entry {index} of the environment")
+        keys.append(ApiKey(name=f"env-{index}", digest=_digest(key),
+                           models=frozenset(m for m in models.split("|") if m) or None,
+                           priority=priority, limits=limits))
     return keys
 
 
@@ -69,18 +89,14 @@ def parse_key_file(path: Path) -> list[ApiKey]:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: cannot read API keys: {type(error).__name__}") from None
-    entries = data.get("keys") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected 'keys: [{{key: ..., models: [...]}}]'")
-    keys = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"]:
-            raise ValueError(f"{path}: keys[{index}].key must be a non-empty string")
-        models = entry.get("models")
-        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-            raise ValueError(f"{path}: keys[{index}].models must be a list of model ids")
-        keys.append(_entry(entry["key"], str(entry.get("name", f"file-{index}")), models))
-    return keys
+    try:
+        parsed = KeyFile.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(format_validation_error(str(path), error, "API keys file")) from None
+    return [ApiKey(name=entry.name or f"file-{index}", digest=_digest(entry.key),
+                   models=frozenset(entry.models) if entry.models else None, priority=entry.priority,
+                   limits=entry.limits, model_limits=tuple(entry.model_limits.items()), admin=entry.admin)
+            for index, entry in enumerate(parsed.keys)]
 
 
 class KeyStore:

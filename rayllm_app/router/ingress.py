@@ -9,11 +9,12 @@ answers it with vLLM's own OpenAI application; its bytes pass straight through.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,28 +40,20 @@ from rayllm_app.observability.metrics import (
     collect_prometheus_text,
     record_router_request,
 )
-from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply
-from rayllm_app.replica.stream_channel import (
-    ChannelClosed,
-    RouterChannels,
-    Subscription,
-    Ticket,
-)
-from rayllm_app.router.auth import ApiKey, KeyStore
+from rayllm_app.config.key_config import PRIORITY_VALUES
+from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply, Usage
+from rayllm_app.replica.stream_channel import RouterChannels
+from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
+from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
 from rayllm_app.router.middleware import (
     BodySizeLimitMiddleware,
     RequestIdMiddleware,
     set_request_model,
 )
-from rayllm_app.router.model_calls import (
-    ModelCalls,
-    first_of,
-    sse_error,
-    translate_serve_error,
-    watch_call,
-)
+from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
+from rayllm_app.router.streaming import Streams
 from rayllm_app.router.protocol import (
     ENDPOINT_CAPABILITIES,
     FORWARDED_BODY_SCHEMA,
@@ -129,8 +122,9 @@ def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
     target.add_middleware(RequestIdMiddleware)
 
 
-def _reply(reply: Reply) -> Response:
-    return Response(reply.body, status_code=reply.status_code, headers=reply.headers)
+def _reply(reply: Reply, extra: dict[str, str]) -> Response:
+    return Response(reply.body, status_code=reply.status_code,
+                    headers={**reply.headers, **extra} if extra else reply.headers)
 
 
 def _forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
@@ -170,6 +164,8 @@ class Router:
                                          [ModelSpec(**spec) for spec in specs])
         self.status.start()
         self.channels = RouterChannels() if self.settings.stream_channel else None
+        self.streams = Streams(self.channels, self._through_cold_start)
+        self.budgets = Budgets(self.settings)
 
     def _caller(self, request: Request) -> ApiKey | None:
         """The caller's key: ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
@@ -228,6 +224,26 @@ class Router:
         if self.settings.protect_metrics:
             self._caller(request)
         return Response(await collect_prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/admin/usage", responses=ERROR_RESPONSES)
+    async def usage(self, request: Request, since: float = 3600.0, until: float | None = None) -> JSONResponse:
+        """Requests and tokens per key name and model over a window, from the shared usage
+        history: ``since``/``until`` are unix times, or seconds ago when under 10^9. Needs a
+        key with ``admin: true`` (open when authentication is off)."""
+        caller = self._caller(request)
+        if caller is not None and not caller.admin:
+            raise PermissionDeniedError("GET /admin/usage needs an API key with 'admin: true' in the keys file.",
+                                        code="admin_required")
+        now = time.time()
+        start = now - since if since < 1e9 else since
+        end = now if until is None else (now - until if until < 1e9 else until)
+        try:
+            rows = await self.budgets.usage(start, end)
+        except Exception as error:  # noqa: BLE001 - the store is down or slow
+            raise ModelUnavailableError(f"The usage history cannot be read right now ({type(error).__name__}).",
+                                        retry_after_s=5) from None
+        return JSONResponse({"object": "list", "since": start, "until": end,
+                             "data": [dataclasses.asdict(row) for row in rows]})
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models(self, request: Request) -> ModelList:
@@ -316,11 +332,26 @@ class Router:
         peek = peek_body(raw)
         handle = self._handle(peek.model, caller)
         self._check_serves(peek.model, path, peek.n)
-        if path == "/v1/responses":
-            raw, response_id = _with_response_id(raw, peek.data)
-            self._remember_response(response_id, peek.model)
-        forwarded = ForwardedRequest("POST", path, raw, request.url.query, _forwarded_headers(request))
-        return await self._dispatch(forwarded, peek.model, peek.stream, handle, timeout)
+        spec = self.status.specs[peek.model]
+        admission = await self.budgets.admit(caller, peek.model, path, raw, peek.data, capacity=self._capacity(peek.model),
+                                             default_max_tokens=spec.default_max_tokens)
+        try:
+            if caller is not None and spec.priority_scheduling and path in PRIORITY_PATHS:
+                raw = with_priority(raw, PRIORITY_VALUES[caller.priority])
+            if path == "/v1/responses":
+                raw, response_id = _with_response_id(raw, peek.data)
+                self._remember_response(response_id, peek.model)
+            forwarded = ForwardedRequest("POST", path, raw, request.url.query, _forwarded_headers(request))
+        except BaseException:
+            self.budgets.settle(admission, None, 400)
+            raise
+        return await self._dispatch(forwarded, peek.model, peek.stream, handle, timeout, admission)
+
+    def _capacity(self, model: str) -> int | None:
+        """How many requests the model's running replicas take before Serve queues them."""
+        per_replica = self.status.specs[model].max_ongoing_requests
+        running = self.status.state(model).running_replicas
+        return per_replica * running if per_replica and running else None
 
     def _check_serves(self, model: str, path: str, n: Any) -> None:
         """A clear 400 for an endpoint the model does not serve, or an ``n`` above its limit."""
@@ -360,8 +391,13 @@ class Router:
                 return response
         return response or error_response(ResponseNotFoundError(response_id), None)
 
-    async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool,
-                        handle: ModelCalls, timeout: float | None) -> Response:
+    async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool, handle: ModelCalls,
+                        timeout: float | None, admission: Admission | None = None) -> Response:
+        def done(usage: Usage | None, status: int) -> None:
+            if admission is not None:
+                self.budgets.settle(admission, usage, status)
+
+        extra = admission.headers if admission is not None else {}
         if not stream:
             response = handle.unary.remote(forwarded)
             call = self._through_cold_start(model, response)
@@ -369,114 +405,36 @@ class Router:
                 result = await (asyncio.wait_for(call, timeout) if timeout else call)
             except asyncio.TimeoutError:
                 response.cancel()  # aborts the engine request
+                done(None, 504)
                 return error_response(RequestTimeoutError(timeout or 0), model)
             except asyncio.CancelledError:  # the client went away
                 response.cancel()
+                done(None, 499)
                 raise
             except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
-                return error_response(translate_serve_error(error, model), model)
-            return _reply(result)
+                failure = translate_serve_error(error, model)
+                done(None, failure.status_code)
+                return error_response(failure, model)
+            done(result.usage, result.status_code)
+            return _reply(result, extra)
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
-        sub = self.channels.open() if self.channels is not None else None
         try:
-            stream_call, first = await self._open_stream(handle, forwarded, model, sub, timeout)
-            if isinstance(first, Ticket):
-                first = await self._first_on_channel(stream_call, first, sub, model, deadline, timeout)
-                if first is None:  # the replica's channel is unreachable: stream this one over Ray
-                    self.channels.close(sub)
-                    sub = None
-                    stream_call, first = await self._open_stream(handle, forwarded, model, None, timeout)
-            elif sub is not None:  # the replica streams over Ray (it has no channel)
-                self.channels.close(sub)
-                sub = None
-        except BaseException as error:
-            if sub is not None:
-                self.channels.close(sub)
-            if isinstance(error, OpenAIError):
-                return error_response(error, model)
+            started = await self.streams.start(handle, forwarded, model, timeout, deadline)
+        except OpenAIError as error:
+            done(None, error.status_code)
+            return error_response(error, model)
+        except BaseException:
+            done(None, 499)
             raise
+        first = started.first
         if not isinstance(first, Reply):
-            stream_call.cancel()
-            if sub is not None:
-                self.channels.close(sub)
+            started.close()
+            done(None, 500)
             return error_response(EngineError(f"Model '{model}' answered without a reply head."), model)
         if not (first.is_stream and first.status_code == 200):  # an error, or a whole answer
-            stream_call.cancel()
-            if sub is not None:
-                self.channels.close(sub)
-            return _reply(first)
-        relay = (self._relay(first.body, stream_call, model, deadline, timeout) if sub is None
-                 else self._relay_channel(first.body, stream_call, sub, model, deadline, timeout))
-        return StreamingResponse(relay, headers={**first.headers, **SSE_HEADERS},
+            started.close()
+            done(first.usage, first.status_code)
+            return _reply(first, extra)
+        return StreamingResponse(self.streams.relay(started, model, deadline, timeout, done),
+                                 headers={**first.headers, **SSE_HEADERS, **extra},
                                  media_type=first.headers.get("content-type"))
-
-    async def _open_stream(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
-                           sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
-        """Start the streaming call and wait for its first item (ticket or Reply)."""
-        args = (forwarded, sub.request) if sub is not None else (forwarded,)
-        stream = handle.streaming.remote(*args)
-        first_item = self._through_cold_start(model, stream.__anext__())
-        return stream, await first_of(stream, first_item, model, timeout)
-
-    async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription, model: str,
-                                deadline: float | None, timeout: float | None) -> Reply | bytes | None:
-        """Join the replica's channel and wait for the stream's first frame; None if the
-        replica's channel cannot be reached (the call is cancelled, nothing was sent)."""
-        loop = asyncio.get_running_loop()
-        try:
-            if not self.channels.usable(ticket):
-                raise ChannelClosed("marked unreachable")
-            await self.channels.attach(sub, ticket)
-        except ChannelClosed:
-            stream.cancel()
-            return None
-        sub.watch(watch_call(stream, sub, model))
-        first = await first_of(stream, sub.get(), model, timeout,
-                                limit=max(deadline - loop.time(), 0) if deadline else None)
-        if first is None:
-            raise EngineError(f"Model '{model}' ended the stream without output.")
-        return first
-
-    async def _relay_channel(self, first: bytes, stream: Any, sub: Subscription, model: str,
-                             deadline: float | None, timeout: float | None) -> AsyncIterator[bytes]:
-        """Pass the channel's SSE frames through; a failure mid-stream becomes an error event."""
-        timer = None
-        if deadline is not None:
-            timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
-        try:
-            yield first
-            while (chunk := await sub.get()) is not None:
-                if isinstance(chunk, bytes):
-                    yield chunk
-        except OpenAIError as error:
-            yield sse_error(error)
-        except Exception as error:  # noqa: BLE001
-            yield sse_error(translate_serve_error(error, model))
-        finally:
-            if timer is not None:
-                timer.cancel()
-            stream.cancel()
-            self.channels.close(sub)
-
-    async def _relay(self, first: bytes, stream: Any, model: str, deadline: float | None,
-                     timeout: float | None) -> AsyncIterator[bytes]:
-        """Pass the replica's SSE frames through; a failure mid-stream becomes an error event."""
-        loop = asyncio.get_running_loop()
-        try:
-            yield first
-            if deadline is None:
-                async for chunk in stream:
-                    yield chunk
-            else:
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0))
-                    except StopAsyncIteration:
-                        break
-                    yield chunk
-        except asyncio.TimeoutError:
-            yield sse_error(RequestTimeoutError(timeout or 0))
-        except Exception as error:  # noqa: BLE001
-            yield sse_error(translate_serve_error(error, model))
-        finally:
-            stream.cancel()

@@ -31,6 +31,9 @@ class ModelSpec:
     pg_timeout_s: float
     cold_start_timeout_s: float
     max_n: int | None = None
+    max_ongoing_requests: int | None = None  # per replica: past it, requests queue in Serve
+    priority_scheduling: bool = False        # the engine runs scheduling_policy: priority
+    default_max_tokens: int | None = None    # the model's generate_kwargs max_tokens
 
 
 @dataclass

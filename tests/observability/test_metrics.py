@@ -359,7 +359,7 @@ def statuses(registry: FakeRegistry) -> list[str]:
 
 
 def test_replica_counts_statuses():
-    from rayllm_app.replica.http_forward import ForwardedRequest, Reply
+    from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
 
     request = ForwardedRequest("POST", "/v1/chat/completions", b'{"model": "fake-model"}')
     sse = {"content-type": "text/event-stream"}
@@ -374,7 +374,7 @@ def test_replica_counts_statuses():
     drain(fake_server([Reply(400, b'{"error": {}}', {})], registry).forward_stream(request))
     failing = [Reply(200, b"data: {}\n\n", sse), b'data: {"error": {"message": "boom"}}\n\ndata: [DONE]\n\n']
     items = drain(fake_server(failing, registry).forward_stream(request))
-    assert b"boom" in items[-1]                                          # mid-stream failure
+    assert b"boom" in items[-2] and isinstance(items[-1], Usage)        # mid-stream failure, then usage
     with pytest.raises(RuntimeError):
         drain(fake_server([RuntimeError("engine gone")], registry).forward_stream(request))
     endless = [Reply(200, b"data: {}\n\n", sse)] + [b"data: {}\n\n"] * 50

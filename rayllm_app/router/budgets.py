@@ -1,0 +1,288 @@
+"""Per-key budgets on the router's hot path: admit a request before it is forwarded, settle
+it with the tokens the engine counted once it ends.
+
+* **Admit**: the key's buckets (and its buckets on this model) in the shared store
+  (rayllm_app.tenancy) must hold one request, its tokens (the prompt, estimated from the
+  body, plus the ``max_tokens`` it may generate) and a concurrency slot; else 429 with
+  ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers, which successful answers carry too.
+* **Settle**: the reservation becomes what the request used (the replica's count), off the
+  request's path; a request cut short without a count is charged what it reserved, so
+  hanging up early never saves budget.
+* **Priority**: a key's priority reaches vLLM's scheduler on models that enable
+  ``scheduling_policy: priority``; when a model's replicas are full, low-priority requests
+  are refused first, before Serve's queue takes them.
+* **Usage**: per key name and model, as Prometheus metrics at once and as a history in the
+  store (flushed every few seconds) for ``GET /admin/usage`` and ``rayllm usage``.
+
+When the store cannot be reached, ``limits_store_failure`` decides: ``open`` serves without
+budgets (a warning at most every 30 s), ``closed`` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayllm_app.config.key_config import PRIORITY_VALUES
+from rayllm_app.config.router_settings import RouterSettings
+from rayllm_app.errors import OpenAIError, OverloadedError
+from rayllm_app.observability.metrics import record_key_usage, record_rate_limited
+from rayllm_app.replica.http_forward import Usage
+from rayllm_app.router.auth import ApiKey
+from rayllm_app.tenancy.state import CONCURRENT, REQUESTS, TOKENS, Decision, Scope, UsageRecord
+from rayllm_app.tenancy.stores import LimitStore, open_store
+
+logger = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+USAGE_FLUSH_S = 5.0
+WARN_EVERY_S = 30.0
+BYTES_PER_PROMPT_TOKEN = 4  # the body's JSON is larger than its tokens: an upper-leaning guess
+MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Endpoints whose vLLM request takes a `priority`.
+PRIORITY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
+ENGINE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                          "/v1/embeddings", "/v1/score", "/v1/rerank"})
+_LIMIT_WORDS = {REQUESTS: ("requests per minute", "requests"), TOKENS: ("tokens per minute", "tokens"),
+                CONCURRENT: ("concurrent requests", "requests")}
+
+
+class _StoreDown(Exception):
+    """The limits store did not answer (see Budgets._store_call)."""
+
+
+class RateLimitError(OpenAIError):
+    """A key's budget refused the request (OpenAI's 429 shape: type names the limit)."""
+
+    status_code = 429
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, limit: str, headers: dict[str, str]) -> None:
+        self.error_type = _LIMIT_WORDS.get(limit, ("", "requests"))[1]
+        super().__init__(message, headers=headers)
+
+
+class LimitStoreUnavailableError(OpenAIError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "limits_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Key budgets cannot be checked ({detail}); retry shortly.",
+                         headers={"Retry-After": "5"})
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{rest}s"
+
+
+def rate_limit_headers(decision: Decision) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind, limit, remaining, reset in (
+            ("requests", decision.limit_requests, decision.remaining_requests, decision.reset_requests_s),
+            ("tokens", decision.limit_tokens, decision.remaining_tokens, decision.reset_tokens_s)):
+        if limit is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining or 0, 0))
+            headers[f"x-ratelimit-reset-{kind}"] = format_reset(reset or 0.0)
+    return headers
+
+
+def requested_tokens(raw: bytes, data: dict[str, Any], path: str, default_max_tokens: int | None) -> int:
+    """What a request may use: its prompt (estimated from the body's size) plus the most it
+    may generate. Endpoints that reach no engine (tokenize, count_tokens) reserve nothing."""
+    if path not in ENGINE_PATHS:
+        return 0
+    limit = next((data[name] for name in MAX_TOKEN_FIELDS
+                  if isinstance(data.get(name), int) and not isinstance(data.get(name), bool)), None)
+    if limit is None:
+        limit = default_max_tokens or 0
+    n = data.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    return len(raw) // BYTES_PER_PROMPT_TOKEN + max(limit, 0) * choices
+
+
+def scopes_of(key: ApiKey, model: str) -> list[Scope]:
+    """The key's buckets, then its buckets on this model (headers report the first)."""
+    scopes = []
+    if key.limits.any:
+        scopes.append(Scope(key.name, **key.limits.model_dump()))
+    model_limits = key.limits_for(model)
+    if model_limits is not None and model_limits.any:
+        scopes.append(Scope(f"{key.name}|{model}", **model_limits.model_dump()))
+    return scopes
+
+
+def with_priority(raw: bytes, priority: int) -> bytes:
+    """The body with ``"priority"`` set last, so it wins over one the client sent (JSON's
+    last duplicate key wins in vLLM's parser): a client cannot raise its own priority."""
+    body = raw.rstrip()
+    return body[:-1] + b',"priority":' + str(priority).encode() + b"}"
+
+
+@dataclass
+class Admission:
+    """One admitted request: what it reserved, and the headers its answer carries."""
+
+    key: str
+    model: str
+    scopes: list[Scope]
+    reserved: int
+    lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+class Budgets:
+    """The router's side of key budgets, priorities and usage accounting."""
+
+    def __init__(self, settings: RouterSettings, store: LimitStore | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self.inflight: Counter[str] = Counter()  # this router's requests per model
+        self._usage: dict[tuple[str, str], list[int]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._flusher: asyncio.Task | None = None
+        self._warned_at = 0.0
+
+    @property
+    def store(self) -> LimitStore:
+        if self._store is None:
+            self._store = open_store(self.settings.limits_store)
+        return self._store
+
+    async def admit(self, key: ApiKey | None, model: str, path: str, raw: bytes, data: dict[str, Any],
+                    *, capacity: int | None, default_max_tokens: int | None) -> Admission:
+        """Count the request against its key's budgets, or raise 429 (or 503, store closed)."""
+        name = key.name if key is not None else ANONYMOUS
+        if key is not None and key.priority == "low" and capacity is not None and self.inflight[model] >= capacity:
+            record_rate_limited(name, model, "priority")
+            raise OverloadedError(f"Model '{model}' is at capacity; low-priority requests are refused "
+                                  "first. Retry shortly.", retry_after_s=2)
+        scopes = scopes_of(key, model) if key is not None else []
+        admission = Admission(name, model, scopes, requested_tokens(raw, data, path, default_max_tokens))
+        if scopes:
+            try:
+                decision = await self._store_call(self.store.admit(scopes, admission.lease_id, admission.reserved))
+            except _StoreDown:
+                if self.settings.limits_store_failure == "closed":
+                    raise LimitStoreUnavailableError("the limits store is unreachable") from None
+                decision = None
+                admission.scopes = []  # failing open: nothing to settle
+            if decision is not None and not decision.allowed:
+                record_rate_limited(name, model, decision.limit or "")
+                raise self._refusal(name, model, admission.reserved, decision)
+            if decision is not None:
+                admission.headers = rate_limit_headers(decision)
+        self.inflight[model] += 1
+        return admission
+
+    def settle(self, admission: Admission, usage: Usage | None, status: int) -> None:
+        """The request ended: record its usage now, and settle its reservation in the store
+        in the background (never on the answer's path)."""
+        if admission.settled:
+            return
+        admission.settled = True
+        self.inflight[admission.model] -= 1
+        used = usage.total_tokens if usage is not None else admission.reserved
+        prompt = usage.prompt_tokens if usage is not None else 0
+        completion = usage.completion_tokens if usage is not None else 0
+        record_key_usage(admission.key, admission.model, status, prompt, completion)
+        totals = self._usage.setdefault((admission.key, admission.model), [0, 0, 0, 0])
+        totals[0] += 1
+        totals[1] += prompt
+        totals[2] += completion
+        totals[3] += status >= 400
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_every(USAGE_FLUSH_S))
+        if admission.scopes:
+            self._spawn(self.store.settle(admission.scopes, admission.lease_id, admission.reserved, used, None))
+
+    async def flush_usage(self) -> None:
+        """Add this router's usage since the last flush to the store's history."""
+        pending, self._usage = self._usage, {}
+        for (key, model), (requests, prompt, completion, errors) in pending.items():
+            record = UsageRecord(key, model, requests, prompt, completion, errors)
+            try:
+                await self._store_call(self.store.settle([], "", 0, 0, record))
+            except _StoreDown:
+                self._add_back(record)  # kept for the next flush
+
+    async def usage(self, since: float, until: float) -> list[Any]:
+        await self.flush_usage()
+        return await asyncio.wait_for(self.store.usage(since, until), self.settings.limits_store_timeout_s * 4)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._store is not None:
+            await self._store.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _refusal(self, name: str, model: str, tokens: int, decision: Decision) -> RateLimitError:
+        headers = rate_limit_headers(decision)
+        on = f"key '{name}'" + (f" on model '{model}'" if decision.scope and "|" in decision.scope else "")
+        words = _LIMIT_WORDS.get(decision.limit or "", ("its limit", "requests"))[0]
+        if decision.too_large:
+            return RateLimitError(
+                f"Request too large for {on} on {words}: limit {decision.limit_tokens}, requested "
+                f"{tokens} (prompt estimate plus max_tokens). Lower max_tokens or shorten the prompt.",
+                TOKENS, headers)
+        retry = max(decision.retry_after_s, 0.001)
+        headers["Retry-After"] = str(max(math.ceil(retry), 1))
+        if decision.limit == CONCURRENT:
+            message = f"Too many concurrent requests for {on}. Retry when one of them finishes."
+        else:
+            message = f"Rate limit reached for {on} on {words}. Please try again in {format_reset(retry)}."
+        return RateLimitError(message, decision.limit or REQUESTS, headers)
+
+    async def _store_call(self, call: Any) -> Any:
+        """A store call within the timeout; any failure is logged (at most every 30 s) and
+        raised as _StoreDown for the caller to apply limits_store_failure."""
+        try:
+            return await asyncio.wait_for(call, self.settings.limits_store_timeout_s)
+        except Exception as error:  # noqa: BLE001 - any store failure follows the policy
+            now = time.monotonic()
+            if now - self._warned_at > WARN_EVERY_S:
+                self._warned_at = now
+                logger.warning("Limits store unreachable (%s: %s); failing %s (limits_store_failure)",
+                               type(error).__name__, error, self.settings.limits_store_failure)
+            raise _StoreDown from error
+
+    def _spawn(self, call: Any) -> None:
+        task = asyncio.ensure_future(self._quiet(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _quiet(self, call: Any) -> None:
+        try:
+            await self._store_call(call)
+        except _StoreDown:
+            pass  # nobody waits on a settle; the reservation refills out of the bucket in time
+
+    def _add_back(self, record: UsageRecord) -> None:
+        totals = self._usage.setdefault((record.key, record.model), [0, 0, 0, 0])
+        for index, value in enumerate((record.requests, record.prompt_tokens, record.completion_tokens,
+                                       record.errors)):
+            totals[index] += value
+
+    async def _flush_every(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.flush_usage()
+            except Exception:  # noqa: BLE001 - the history is best effort; metrics already counted
+                logger.debug("usage flush failed", exc_info=True)

@@ -1,0 +1,151 @@
+"""The router's side of a streamed answer: start the replica's call, take its first item
+(over the stream channel, or over Ray when the replica's channel cannot be reached), then
+relay its bytes to the client. A failure mid-stream becomes an SSE error event, and the
+stream's end reports its usage (the replica's count) to whoever settles the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rayllm_app.errors import EngineError, OpenAIError, RequestTimeoutError
+from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
+from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
+from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, translate_serve_error, watch_call
+
+OnEnd = Callable[[Usage | None, int], None]
+
+
+@dataclass
+class StartedStream:
+    call: Any                       # the Ray Serve streaming call
+    first: Any                      # its first item: a Reply (or something unexpected)
+    sub: Subscription | None        # the channel subscription, when the bytes come that way
+    channels: RouterChannels | None
+
+    def close(self) -> None:
+        self.call.cancel()
+        if self.sub is not None and self.channels is not None:
+            self.channels.close(self.sub)
+
+
+class Streams:
+    def __init__(self, channels: RouterChannels | None,
+                 through_cold_start: Callable[[str, Awaitable[Any]], Awaitable[Any]]) -> None:
+        self.channels = channels
+        self._through_cold_start = through_cold_start
+
+    async def start(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
+                    timeout: float | None, deadline: float | None) -> StartedStream:
+        """Start the call and wait for its Reply; raises an OpenAIError when it fails first."""
+        sub = self.channels.open() if self.channels is not None else None
+        try:
+            call, first = await self._open(handle, forwarded, model, sub, timeout)
+            if isinstance(first, Ticket):
+                first = await self._first_on_channel(call, first, sub, model, deadline, timeout)
+                if first is None:  # the replica's channel is unreachable: stream this one over Ray
+                    self.channels.close(sub)
+                    sub = None
+                    call, first = await self._open(handle, forwarded, model, None, timeout)
+            elif sub is not None:  # the replica streams over Ray (it has no channel)
+                self.channels.close(sub)
+                sub = None
+        except BaseException:
+            if sub is not None:
+                self.channels.close(sub)
+            raise
+        return StartedStream(call, first, sub, self.channels)
+
+    def relay(self, started: StartedStream, model: str, deadline: float | None, timeout: float | None,
+              on_end: OnEnd) -> AsyncIterator[bytes]:
+        first = started.first.body
+        if started.sub is None:
+            return self._relay_ray(first, started.call, model, deadline, timeout, on_end)
+        return self._relay_channel(first, started, model, deadline, timeout, on_end)
+
+    async def _open(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
+                    sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
+        """Start the streaming call and wait for its first item (ticket or Reply)."""
+        args = (forwarded, sub.request) if sub is not None else (forwarded,)
+        stream = handle.streaming.remote(*args)
+        first_item = self._through_cold_start(model, stream.__anext__())
+        return stream, await first_of(stream, first_item, model, timeout)
+
+    async def _first_on_channel(self, stream: Any, ticket: Ticket, sub: Subscription, model: str,
+                                deadline: float | None, timeout: float | None) -> Reply | bytes | None:
+        """Join the replica's channel and wait for the stream's first frame; None if the
+        replica's channel cannot be reached (the call is cancelled, nothing was sent)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if not self.channels.usable(ticket):
+                raise ChannelClosed("marked unreachable")
+            await self.channels.attach(sub, ticket)
+        except ChannelClosed:
+            stream.cancel()
+            return None
+        sub.watch(watch_call(stream, sub, model))
+        first = await first_of(stream, sub.get(), model, timeout,
+                                limit=max(deadline - loop.time(), 0) if deadline else None)
+        if first is None:
+            raise EngineError(f"Model '{model}' ended the stream without output.")
+        return first
+
+    async def _relay_channel(self, first: bytes, started: StartedStream, model: str, deadline: float | None,
+                             timeout: float | None, on_end: OnEnd) -> AsyncIterator[bytes]:
+        """Pass the channel's SSE frames through; a failure mid-stream becomes an error event."""
+        sub = started.sub
+        timer = None
+        status = 499  # until the stream ends or fails: the client went away
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
+        try:
+            yield first
+            while (chunk := await sub.get()) is not None:
+                if isinstance(chunk, bytes):
+                    yield chunk
+            status = 200
+        except OpenAIError as error:
+            status = error.status_code
+            yield sse_error(error)
+        except Exception as error:  # noqa: BLE001
+            failure = translate_serve_error(error, model)
+            status = failure.status_code
+            yield sse_error(failure)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            started.close()
+            on_end(sub.usage if status == 200 else None, status)
+
+    async def _relay_ray(self, first: bytes, stream: Any, model: str, deadline: float | None,
+                         timeout: float | None, on_end: OnEnd) -> AsyncIterator[bytes]:
+        """Pass the replica's SSE frames through; a failure mid-stream becomes an error event."""
+        loop = asyncio.get_running_loop()
+        usage = None
+        status = 499
+        try:
+            yield first
+            while True:
+                try:
+                    chunk = await (stream.__anext__() if deadline is None else
+                                   asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0)))
+                except StopAsyncIteration:
+                    break
+                if isinstance(chunk, Usage):
+                    usage = chunk
+                else:
+                    yield chunk
+            status = 200
+        except asyncio.TimeoutError:
+            status = 504
+            yield sse_error(RequestTimeoutError(timeout or 0))
+        except Exception as error:  # noqa: BLE001
+            failure = translate_serve_error(error, model)
+            status = failure.status_code
+            yield sse_error(failure)
+        finally:
+            stream.cancel()
+            on_end(usage, status)

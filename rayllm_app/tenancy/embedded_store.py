@@ -1,0 +1,87 @@
+"""The embedded store: the budgets in one Ray actor, so limits work with no extra service.
+
+Every router replica, on any node, finds the same actor by name (``rayllm-limits`` in
+namespace ``rayllm``; ``get_if_exists`` makes the first caller create it and the others
+attach). It is detached so it outlives the replica that happened to create it, and takes no
+CPU so it never blocks a model's placement.
+
+The actor is an async actor whose methods never await: each runs start to finish on the
+actor's one event loop, so ``MemoryLimitState`` is touched by one call at a time without
+locks, while ``max_concurrency`` lets many routers' calls queue without a thread each.
+``max_restarts=-1``: if its node dies the actor comes back elsewhere with empty buckets
+(a budget briefly forgiven beats every request failing).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from rayllm_app.tenancy.state import Decision, MemoryLimitState, Scope, UsageRecord, UsageRow
+
+ACTOR_NAME = "rayllm-limits"
+ACTOR_NAMESPACE = "rayllm"
+
+
+@ray.remote
+class LimitsActor:
+    """``MemoryLimitState`` behind a Ray actor; async methods so that all run on one loop."""
+
+    def __init__(self) -> None:
+        self._state = MemoryLimitState()
+
+    async def admit(self, scopes: list[Scope], lease_id: str, tokens: int) -> Decision:
+        return self._state.admit(scopes, lease_id, tokens)
+
+    async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
+                     usage: UsageRecord | None) -> None:
+        self._state.settle(scopes, lease_id, reserved, used, usage)
+
+    async def usage(self, since: float, until: float) -> list[UsageRow]:
+        return self._state.usage(since, until)
+
+    async def ping(self) -> bool:
+        return True
+
+
+class EmbeddedStore:
+    """``LimitStore`` on the shared ``LimitsActor``. The actor is looked up (or created) on
+    first use, not in the constructor, so a store can be built before ``ray.init``.
+    ``name``/``namespace`` exist so tests can use an actor of their own."""
+
+    def __init__(self, name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE) -> None:
+        self.name = name
+        self.namespace = namespace
+        self._handle = None
+
+    def _actor(self):
+        """The handle; creating or finding the actor is one short blocking call to the GCS."""
+        if self._handle is None:
+            self._handle = LimitsActor.options(
+                name=self.name, namespace=self.namespace, lifetime="detached", get_if_exists=True,
+                num_cpus=0, max_concurrency=1000, max_restarts=-1,
+            ).remote()
+        return self._handle
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self._actor(), method).remote(*args)
+        except ray.exceptions.RayActorError:
+            self._handle = None   # killed for good (not restarted): look it up or create it anew
+            raise
+
+    async def admit(self, scopes: list[Scope], lease_id: str, tokens: int) -> Decision:
+        return await self._call("admit", scopes, lease_id, tokens)
+
+    async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
+                     usage: UsageRecord | None) -> None:
+        await self._call("settle", scopes, lease_id, reserved, used, usage)
+
+    async def usage(self, since: float, until: float) -> list[UsageRow]:
+        return await self._call("usage", since, until)
+
+    async def ping(self) -> None:
+        await self._call("ping")
+
+    async def close(self) -> None:
+        """Forget the handle only: the actor is shared with the other routers and stays."""
+        self._handle = None
