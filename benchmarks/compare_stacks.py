@@ -20,6 +20,10 @@ Stacks (``--stacks``):
 * ``rayllm-app-before`` - the same, from another checkout of this project (``--before-tree``,
   e.g. ``git worktree add /tmp/before <commit>``): a change's before and after, measured in
   the same rotating rounds.
+* ``rayllm-app-limits`` / ``rayllm-app-limits-redis`` - rayllm-app with an API key whose
+  budgets (requests, tokens, concurrency; set so high that nothing is refused) are checked
+  and settled on every request, in the embedded store or in a redis-server this script starts
+  on 127.0.0.1: the hot-path cost of key budgets, against ``rayllm-app`` in the same rounds.
 
 The peers virtualenv (``.bench-venvs/peers``, packages in ``benchmarks/requirements.txt``)
 is created on first use; it also draws the plot (matplotlib). See benchmarks/README.md.
@@ -47,8 +51,13 @@ from rayllm_app.ports import free_port  # noqa: E402
 from benchmarks.compare_report import PEER_STACKS, plot, write_markdown  # noqa: E402
 from benchmarks.stack_server import Server  # noqa: E402
 
-STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app", "rayllm-app-before")
-RAYLLM_STACKS = ("rayllm-app", "rayllm-app-before")
+STACKS = ("bare", "ray-serve-llm", "ray-serve-llm-fast", "rayllm-app", "rayllm-app-before",
+          "rayllm-app-limits", "rayllm-app-limits-redis")
+LIMIT_STACKS = ("rayllm-app-limits", "rayllm-app-limits-redis")
+RAYLLM_STACKS = ("rayllm-app", "rayllm-app-before", *LIMIT_STACKS)
+BENCH_KEY = "sk-bench-budgets"
+# Checked on every request, never reached by the benchmark.
+BENCH_LIMITS = {"requests_per_minute": 10**7, "tokens_per_minute": 10**10, "max_concurrent_requests": 10**5}
 ALIASES = {"rayllm-serve-llm": "ray-serve-llm", "serve-llm": "ray-serve-llm", "vllm": "bare"}
 DEFAULT_MODEL = Path.home() / ".cache" / "rayllm" / "SmolLM2-135M-Instruct"
 TINY_DIR = Path("/tmp/rayllm-bench/tiny-llama")
@@ -179,7 +188,8 @@ def rayllm_app_yaml(model_id: str, folder: Path, engine_kwargs: dict) -> dict:
 
 
 def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir: Path,
-                  main_python: Path, peers_python: Path | None, engine_kwargs: dict) -> list[str]:
+                  main_python: Path, peers_python: Path | None, engine_kwargs: dict,
+                  redis_url: str | None = None) -> list[str]:
     if stack == "bare":
         return [str(main_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                 "--served-model-name", model_id, *engine_cli_flags(engine_kwargs),
@@ -194,8 +204,15 @@ def stack_command(stack: str, *, model_id: str, folder: Path, port: int, workdir
         yaml_path = workdir / f"{model_id}.yaml"
         # JSON is valid YAML: no YAML writer needed here.
         yaml_path.write_text(json.dumps(rayllm_app_yaml(model_id, folder, engine_kwargs), indent=2) + "\n")
-        return [str(main_python), "-m", "rayllm_app.cli", "run", "--model", str(yaml_path),
-                "--host", "127.0.0.1", "--port", str(port), "--num-cpus", "8"]
+        command = [str(main_python), "-m", "rayllm_app.cli", "run", "--model", str(yaml_path),
+                   "--host", "127.0.0.1", "--port", str(port), "--num-cpus", "8"]
+        if stack in LIMIT_STACKS:
+            keys = workdir / "bench-keys.yaml"
+            keys.write_text(json.dumps({"keys": [{"key": BENCH_KEY, "name": "bench", "limits": BENCH_LIMITS}]}))
+            command += ["--api-keys-file", str(keys)]
+            if stack == "rayllm-app-limits-redis":
+                command += ["--limits-store", redis_url]
+        return command
     raise ValueError(stack)
 
 
@@ -257,6 +274,7 @@ def run_levels(stack: str, base_url: str, model_id: str, args, attempts: dict, l
             input_len=args.input_len, output_len=args.output_len, ignore_eos=True,
             warmup_requests=min(c, 4), max_duration=args.max_duration, request_timeout=args.max_duration,
             label=f"{stack} c={c}", progress=False, seed=c,
+            api_key=BENCH_KEY if stack in LIMIT_STACKS else None,
         )
         log(f"{stack}: concurrency {c}, {cfg.num_requests} requests x {args.repeat} (round {round_no})")
         busy = wait_for_quiet(args.quiet_cpu, args.quiet_wait) if args.quiet_wait > 0 else cpu_busy(1.0)
@@ -298,7 +316,7 @@ def bench_in_subprocess(cfg: BenchConfig, python: Path) -> BenchResult:
                "--input-len", str(cfg.input_len), "--output-len", str(cfg.output_len), "--ignore-eos",
                "--warmup-requests", str(cfg.warmup_requests), "--max-duration", str(cfg.max_duration),
                "--request-timeout", str(cfg.request_timeout), "--seed", str(cfg.seed), "--label", cfg.label,
-               "--no-progress", "--output-json", str(out)]
+               "--no-progress", "--output-json", str(out), *(["--api-key", cfg.api_key] if cfg.api_key else [])]
         done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"rayllm bench failed ({done.returncode}): {done.stderr.strip()[-800:]}")
@@ -311,7 +329,8 @@ def run_stack(stack: str, round_no: int, entry: dict, attempts: dict[int, list[B
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     cmd = stack_command(stack, model_id=model_id, folder=folder, port=port, workdir=workdir,
-                        main_python=args.main_python, peers_python=peers_python, engine_kwargs=engine_kwargs)
+                        main_python=args.main_python, peers_python=peers_python, engine_kwargs=engine_kwargs,
+                        redis_url=getattr(args, "redis_url", None))
     entry["command"] = [c.replace(str(ROOT) + "/", "") for c in cmd]
     if args.quiet_wait > 0:
         wait_for_quiet(args.quiet_cpu, args.quiet_wait)
@@ -334,6 +353,16 @@ def run_stack(stack: str, round_no: int, entry: dict, attempts: dict[int, list[B
         log(f"stopping {stack}")
         server.stop()
     time.sleep(3)  # let the OS hand memory and ports back before the next stack
+
+
+def start_redis(args) -> subprocess.Popen:
+    """Debian's redis-server on a free loopback port, for rayllm-app-limits-redis (args.redis_url)."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args.redis_url = f"redis://127.0.0.1:{port}/0"
+    log(f"redis-server for the limits store: {args.redis_url}")
+    return proc
 
 
 def median_run(attempts: list[BenchResult]) -> BenchResult:
@@ -446,12 +475,16 @@ def main(argv=None) -> int:
                 continue
         entry["status"] = "pending"
         attempts[stack] = {}
+    redis = start_redis(args) if "rayllm-app-limits-redis" in args.stacks else None
     for round_no in range(1, args.rounds + 1):
         for stack in stack_order(args.stacks, round_no - 1):
             if report["stacks"][stack]["status"] != "pending":
                 continue
             run_stack(stack, round_no, report["stacks"][stack], attempts[stack], args, model_id=model_id,
                       folder=folder, workdir=workdir, peers_python=peers_python, engine_kwargs=engine_kwargs)
+    if redis is not None:
+        redis.terminate()
+        redis.wait(10)
     for stack, entry in report["stacks"].items():
         if entry["status"] == "pending":
             entry["status"] = "ok"

@@ -30,12 +30,40 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from rayllm_app.config import ConfigError, load_model_configs
+def _router_settings(args: argparse.Namespace):
+    """The router's settings from ``run``'s flags, checked before Ray starts (ConfigError)."""
+    from pydantic import ValidationError
+
+    from rayllm_app.config import ConfigError
+    from rayllm_app.config.loader import format_validation_error
     from rayllm_app.config.router_settings import RouterSettings
 
     try:
+        return RouterSettings(
+            api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
+            cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
+            max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
+            stream_channel=args.stream_channel, replicas=args.router_replicas,
+            limits_store=args.limits_store, limits_store_failure=args.limits_store_failure)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error("rayllm run", error, "router settings")) from None
+
+
+def _limits_store(value: str) -> str:
+    from rayllm_app.tenancy.stores import REDIS_SCHEMES
+
+    value = value.strip()
+    if value == "embedded" or value.startswith(REDIS_SCHEMES):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: use 'embedded' or a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rayllm_app.config import ConfigError, load_model_configs
+
+    try:
         configs = load_model_configs(args.model)
+        settings = _router_settings(args)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
@@ -62,11 +90,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": proxy_port})
-    settings = RouterSettings(
-        api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
-        cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
-        max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
-        stream_channel=args.stream_channel)
     try:
         serve.run(build_app_from_configs(configs, settings=settings), name=args.name, route_prefix="/",
                   blocking=False)
@@ -197,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=float, default=None, help="seconds; timed-out requests get 504")
     run.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     run.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
+    run.add_argument("--router-replicas", type=int, default=1, metavar="N",
+                     help="router replicas (1-64): more routers for more requests per second; key budgets "
+                     "hold across all of them")
+    run.add_argument("--limits-store", type=_limits_store, default=None, metavar="URL",
+                     help="where key budgets and usage history live, shared by the routers: 'embedded' "
+                     "(default: a Ray actor, nothing else to run) or a Redis URL (redis://host:6379/0) "
+                     "that outlives the Ray cluster")
+    run.add_argument("--limits-store-failure", choices=("open", "closed"), default="open",
+                     help="when the limits store is unreachable: 'open' serves without budgets (logged), "
+                     "'closed' answers 503 (default: open)")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check model YAMLs against the schema (no Ray needed)")
@@ -215,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--system", default=None)
             cmd.add_argument("--max-tokens", type=int, default=256)
             cmd.add_argument("--temperature", type=float, default=0.0)
+
+    from rayllm_app import usage_cli
+
+    usage_cli.add_cli(sub, DEFAULT_BASE_URL)  # rayllm usage ...
 
     prepare = sub.add_parser("prepare-default", help="convert the embedded SmolLM2 model once")
     prepare.set_defaults(func=_cmd_prepare_default)

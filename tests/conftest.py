@@ -11,6 +11,7 @@ tests (tests/e2e/test_vllm_parity_e2e.py, tests/e2e/test_clients_e2e.py).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,7 @@ TINY_TOOLS_FRONTEND = {"chat_template": str(TOOLS_TEMPLATE), "enable_auto_tool_c
 API_KEY = "sk-test-all-models"
 LIMITED_KEY = "sk-test-only-tiny-chat"
 SECRET_ENV = "RAYLLM_TEST_SECRET"
+REDIS_SERVER = "/usr/bin/redis-server"
 SECRET_VALUE = "s3cr3t-value-6d1f"
 
 
@@ -132,14 +134,20 @@ def s3_model_bucket(tiny_model_path: Path):
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_cluster, tiny_model_path: Path, s3_model_bucket) -> ServedApp:
-    """Two tiny models (chat template; RayLLM prompt format) plus the SmolLM2 default."""
+def serve_root(ray_cluster) -> str:
+    """Ray Serve's HTTP proxy on a free loopback port, shared by every test application."""
     from ray import serve
-
-    from rayllm_app.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def served_app(serve_root: str, tiny_model_path: Path, s3_model_bucket) -> ServedApp:
+    """Two tiny models (chat template; RayLLM prompt format) plus the SmolLM2 default."""
+    from rayllm_app.app import build_app
+
     tiny_a = tiny_model_config(
         TINY_A, tiny_model_path, model_description="tiny random llama (chat template)",
     )
@@ -187,7 +195,7 @@ def served_app(ray_cluster, tiny_model_path: Path, s3_model_bucket) -> ServedApp
     from ray.serve.api import _run
 
     _run(build_app({"models": models}), name="rayllm", route_prefix="/", _blocking=False)
-    root = f"http://127.0.0.1:{port}"
+    root = serve_root
     wait_for_models(root, {TINY_A: "ready", TINY_B: "ready", DEFAULT_MODEL: "ready", BROKEN: "failed",
                            TINY_TP: "ready", TINY_S3: "ready", TINY_TOOLS: "ready", EMBED_MODEL: "ready"},
                     timeout_s=900)
@@ -338,6 +346,39 @@ def _stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server on 127.0.0.1 for the session (Debian's; `make redis` installs it)."""
+    yield from start_redis()
+
+
+def start_redis(port: int | None = None):
+    """Run redis-server on 127.0.0.1 until the generator closes; yields its URL."""
+    if not shutil.which(REDIS_SERVER):
+        pytest.skip(f"{REDIS_SERVER} is not installed (apt-get install redis-server)")
+    import redis
+
+    port = port or free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
 
 
 def drain(stream, limit: int | None = None, timeout_s: float = 10.0) -> list:

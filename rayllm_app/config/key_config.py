@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Priority = Literal["high", "normal", "low"]
 # vLLM schedules lower values first (scheduling_policy: priority); 0 is its default.
@@ -57,6 +57,13 @@ class KeyEntry(BaseModel):
     model_limits: dict[str, KeyLimits] = Field(default_factory=dict)
     admin: bool = False
 
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list would allow no model; omit 'models' to allow every model")
+        return value
+
 
 class KeyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -67,11 +74,11 @@ class KeyFile(BaseModel):
     def _names_unique(self) -> KeyFile:
         seen: set[str] = set()
         for index, entry in enumerate(self.keys):
-            if entry.name is not None:
-                if entry.name in seen:
-                    raise ValueError(f"keys[{index}].name '{entry.name}' is used twice: usage is "
-                                     "accounted by name, so each key needs its own")
-                seen.add(entry.name)
+            name = entry.name or f"file-{index}"  # what an unnamed key is called
+            if name in seen:
+                raise ValueError(f"keys[{index}].name '{name}' is used twice (unnamed keys are called "
+                                 "file-<index>): budgets and usage are kept by name, so each key needs its own")
+            seen.add(name)
         return self
 
 

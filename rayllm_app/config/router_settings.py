@@ -38,6 +38,12 @@ class RouterSettings(BaseModel):
         "open", description="When the limits store cannot be reached: 'open' serves without "
         "enforcing budgets (logged), 'closed' answers 503.")
     limits_store_timeout_s: float = Field(0.5, gt=0, le=30, description="How long one store call may take.")
+    low_priority_share: float = Field(
+        0.75, gt=0, le=1, description="Share of a model's engine batch slots (max_num_seqs x replicas) "
+        "that low-priority keys may hold; past it they wait at the router, so normal and high "
+        "requests find a free slot at once.")
+    low_priority_wait_s: float = Field(
+        60.0, gt=0, description="How long a low-priority request may wait for a slot before its 429.")
     propagate_env: list[str] = Field(
         default_factory=lambda: ["RAYLLM_API_KEYS"],
         description="Variables copied from the building environment into the router's replicas.")

@@ -108,6 +108,10 @@ class KeyStore:
         keys = parse_env_keys(os.environ.get(settings.api_keys_env, ""))
         if settings.api_keys_file:
             keys += parse_key_file(Path(settings.api_keys_file).expanduser())
+        names = [key.name for key in keys]
+        if clash := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"API key names {clash} are used by more than one key (environment and "
+                             "file together): budgets and usage are kept by name; rename them in the file")
         if keys:
             logger.info("API key authentication on (%d key(s))", len(keys))
         return cls(keys)

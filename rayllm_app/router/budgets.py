@@ -9,8 +9,9 @@ it with the tokens the engine counted once it ends.
   request's path; a request cut short without a count is charged what it reserved, so
   hanging up early never saves budget.
 * **Priority**: a key's priority reaches vLLM's scheduler on models that enable
-  ``scheduling_policy: priority``; when a model's replicas are full, low-priority requests
-  are refused first, before Serve's queue takes them.
+  ``scheduling_policy: priority``; low-priority requests hold at most a share of a model's
+  engine slots and wait for one at the router first (priority_gate), and when the model's
+  replicas are full they are refused first, before Serve's queue takes them.
 * **Usage**: per key name and model, as Prometheus metrics at once and as a history in the
   store (flushed every few seconds) for ``GET /admin/usage`` and ``rayllm usage``.
 
@@ -35,6 +36,7 @@ from rayllm_app.errors import OpenAIError, OverloadedError
 from rayllm_app.observability.metrics import record_key_usage, record_rate_limited
 from rayllm_app.replica.http_forward import Usage
 from rayllm_app.router.auth import ApiKey
+from rayllm_app.router.priority_gate import PriorityGate
 from rayllm_app.tenancy.state import CONCURRENT, REQUESTS, TOKENS, Decision, Scope, UsageRecord
 from rayllm_app.tenancy.stores import LimitStore, open_store
 
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
 USAGE_FLUSH_S = 5.0
+USAGE_FLUSH_TIMEOUT_S = 10.0
 WARN_EVERY_S = 30.0
 BYTES_PER_PROMPT_TOKEN = 4  # the body's JSON is larger than its tokens: an upper-leaning guess
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -142,6 +145,7 @@ class Admission:
     reserved: int
     lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     headers: dict[str, str] = field(default_factory=dict)
+    gated: bool = False   # holds a low-priority slot (priority_gate)
     settled: bool = False
 
 
@@ -152,6 +156,7 @@ class Budgets:
         self.settings = settings
         self._store = store
         self.inflight: Counter[str] = Counter()  # this router's requests per model
+        self.gate = PriorityGate()
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
@@ -163,16 +168,48 @@ class Budgets:
             self._store = open_store(self.settings.limits_store)
         return self._store
 
+    async def warm_up(self, timeout_s: float = 60.0) -> None:
+        """Reach the store before the first request: creating the embedded store's actor, or
+        connecting to Redis, takes longer than one call's timeout (it would fail open)."""
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout_s)
+        except Exception as error:  # noqa: BLE001 - requests will apply limits_store_failure
+            logger.warning("Limits store not reachable at start (%s: %s); failing %s until it is",
+                           type(error).__name__, error, self.settings.limits_store_failure)
+
     async def admit(self, key: ApiKey | None, model: str, path: str, raw: bytes, data: dict[str, Any],
-                    *, capacity: int | None, default_max_tokens: int | None) -> Admission:
-        """Count the request against its key's budgets, or raise 429 (or 503, store closed)."""
+                    *, capacity: int | None, default_max_tokens: int | None,
+                    low_slots: int | None = None) -> Admission:
+        """Count the request against its key's budgets, or raise 429 (or 503, store closed).
+
+        ``capacity``: what the model's replicas take before Serve queues (this router's share);
+        ``low_slots``: the engine slots low-priority requests may hold (see priority_gate)."""
         name = key.name if key is not None else ANONYMOUS
-        if key is not None and key.priority == "low" and capacity is not None and self.inflight[model] >= capacity:
+        low = key is not None and key.priority == "low"
+        if low and capacity is not None and self.inflight[model] + self.gate.waiting(model) >= capacity:
             record_rate_limited(name, model, "priority")
             raise OverloadedError(f"Model '{model}' is at capacity; low-priority requests are refused "
                                   "first. Retry shortly.", retry_after_s=2)
         scopes = scopes_of(key, model) if key is not None else []
         admission = Admission(name, model, scopes, requested_tokens(raw, data, path, default_max_tokens))
+        if low and low_slots is not None:
+            try:
+                await self.gate.enter(model, low_slots, self.settings.low_priority_wait_s)
+            except OverloadedError:
+                record_rate_limited(name, model, "priority")
+                raise
+            admission.gated = True
+        try:
+            await self._check_budgets(admission, key, scopes)
+        except BaseException:
+            if admission.gated:
+                self.gate.leave(model)
+            raise
+        self.inflight[model] += 1
+        return admission
+
+    async def _check_budgets(self, admission: Admission, key: ApiKey | None, scopes: list[Scope]) -> None:
+        name, model = admission.key, admission.model
         if scopes:
             try:
                 decision = await self._store_call(self.store.admit(scopes, admission.lease_id, admission.reserved))
@@ -183,11 +220,9 @@ class Budgets:
                 admission.scopes = []  # failing open: nothing to settle
             if decision is not None and not decision.allowed:
                 record_rate_limited(name, model, decision.limit or "")
-                raise self._refusal(name, model, admission.reserved, decision)
+                raise self._refusal(name, model, admission.reserved, decision, scopes)
             if decision is not None:
                 admission.headers = rate_limit_headers(decision)
-        self.inflight[model] += 1
-        return admission
 
     def settle(self, admission: Admission, usage: Usage | None, status: int) -> None:
         """The request ended: record its usage now, and settle its reservation in the store
@@ -196,6 +231,8 @@ class Budgets:
             return
         admission.settled = True
         self.inflight[admission.model] -= 1
+        if admission.gated:
+            self.gate.leave(admission.model)
         used = usage.total_tokens if usage is not None else admission.reserved
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
@@ -216,9 +253,14 @@ class Budgets:
         for (key, model), (requests, prompt, completion, errors) in pending.items():
             record = UsageRecord(key, model, requests, prompt, completion, errors)
             try:
-                await self._store_call(self.store.settle([], "", 0, 0, record))
-            except _StoreDown:
-                self._add_back(record)  # kept for the next flush
+                await asyncio.wait_for(self.store.settle([], "", 0, 0, record), USAGE_FLUSH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                # It may still land: adding it again could count it twice. History is
+                # at-most-once (the Prometheus counters above have every request).
+                logger.warning("Usage flush to the limits store timed out; %d request(s) of key '%s' on "
+                               "'%s' may be missing from the usage history", requests, key, model)
+            except Exception:  # noqa: BLE001 - not sent (store down): kept for the next flush
+                self._add_back(record)
 
     async def usage(self, since: float, until: float) -> list[Any]:
         await self.flush_usage()
@@ -232,13 +274,14 @@ class Budgets:
 
     # ------------------------------------------------------------------ internals
 
-    def _refusal(self, name: str, model: str, tokens: int, decision: Decision) -> RateLimitError:
+    def _refusal(self, name: str, model: str, tokens: int, decision: Decision, scopes: list[Scope]) -> RateLimitError:
         headers = rate_limit_headers(decision)
         on = f"key '{name}'" + (f" on model '{model}'" if decision.scope and "|" in decision.scope else "")
         words = _LIMIT_WORDS.get(decision.limit or "", ("its limit", "requests"))[0]
         if decision.too_large:
+            limit = next((s.tokens_per_minute for s in scopes if s.name == decision.scope), decision.limit_tokens)
             return RateLimitError(
-                f"Request too large for {on} on {words}: limit {decision.limit_tokens}, requested "
+                f"Request too large for {on} on {words}: limit {limit}, requested "
                 f"{tokens} (prompt estimate plus max_tokens). Lower max_tokens or shorten the prompt.",
                 TOKENS, headers)
         retry = max(decision.retry_after_s, 0.001)

@@ -166,6 +166,8 @@ class Router:
         self.channels = RouterChannels() if self.settings.stream_channel else None
         self.streams = Streams(self.channels, self._through_cold_start)
         self.budgets = Budgets(self.settings)
+        await self.budgets.warm_up()  # budgets and the usage history live there
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def _caller(self, request: Request) -> ApiKey | None:
         """The caller's key: ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
@@ -216,6 +218,7 @@ class Router:
         """Router liveness plus each model's state; never wakes a model."""
         health = self.status.health()
         health["stream_channel"] = self.channels.stats() if self.channels is not None else None
+        health["router"] = self.replica_id  # which router replica answered (there may be several)
         return JSONResponse(health)
 
     @app.get("/metrics", include_in_schema=False)
@@ -334,7 +337,8 @@ class Router:
         self._check_serves(peek.model, path, peek.n)
         spec = self.status.specs[peek.model]
         admission = await self.budgets.admit(caller, peek.model, path, raw, peek.data, capacity=self._capacity(peek.model),
-                                             default_max_tokens=spec.default_max_tokens)
+                                             default_max_tokens=spec.default_max_tokens,
+                                             low_slots=self._low_slots(peek.model))
         try:
             if caller is not None and spec.priority_scheduling and path in PRIORITY_PATHS:
                 raw = with_priority(raw, PRIORITY_VALUES[caller.priority])
@@ -348,10 +352,22 @@ class Router:
         return await self._dispatch(forwarded, peek.model, peek.stream, handle, timeout, admission)
 
     def _capacity(self, model: str) -> int | None:
-        """How many requests the model's running replicas take before Serve queues them."""
+        """This router's share of what the model's running replicas take before Serve queues
+        requests (the routers share the model's replicas; each counts only its own requests)."""
         per_replica = self.status.specs[model].max_ongoing_requests
         running = self.status.state(model).running_replicas
-        return per_replica * running if per_replica and running else None
+        if not (per_replica and running):
+            return None
+        return max(per_replica * running // self.settings.replicas, 1)
+
+    def _low_slots(self, model: str) -> int | None:
+        """This router's share of the engine batch slots low-priority requests may hold."""
+        spec = self.status.specs[model]
+        running = self.status.state(model).running_replicas
+        per_replica = min(spec.max_num_seqs or spec.max_ongoing_requests or 0, spec.max_ongoing_requests or 1 << 30)
+        if not (per_replica and running):
+            return None
+        return max(int(per_replica * running * self.settings.low_priority_share) // self.settings.replicas, 1)
 
     def _check_serves(self, model: str, path: str, n: Any) -> None:
         """A clear 400 for an endpoint the model does not serve, or an ``n`` above its limit."""

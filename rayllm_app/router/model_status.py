@@ -34,6 +34,7 @@ class ModelSpec:
     max_ongoing_requests: int | None = None  # per replica: past it, requests queue in Serve
     priority_scheduling: bool = False        # the engine runs scheduling_policy: priority
     default_max_tokens: int | None = None    # the model's generate_kwargs max_tokens
+    max_num_seqs: int | None = None          # the engine's batch slots per replica, when set
 
 
 @dataclass

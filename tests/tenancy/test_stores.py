@@ -7,8 +7,6 @@ scripts and ``MemoryLimitState`` identical. One test drives ``EmbeddedStore``'s 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 
@@ -28,35 +26,7 @@ from rayllm_app.tenancy import (
     open_store,
 )
 
-REDIS_SERVER = "/usr/bin/redis-server"
 T0 = 60 * 28_333_333.0   # the fake clock's start (Nov 2023), on a minute boundary
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    if not shutil.which(REDIS_SERVER):
-        pytest.skip(f"{REDIS_SERVER} is not installed (apt-get install redis-server)")
-    import redis
-
-    port = free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(params=["memory", "redis"])
