@@ -38,8 +38,10 @@ def _router_settings(args: argparse.Namespace):
     from rayllm_app.config.loader import format_validation_error
     from rayllm_app.config.router_settings import RouterSettings
 
+    from rayllm_app.router.auth import KeyStore
+
     try:
-        return RouterSettings(
+        settings = RouterSettings(
             api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
             cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
             max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
@@ -47,6 +49,11 @@ def _router_settings(args: argparse.Namespace):
             limits_store=args.limits_store, limits_store_failure=args.limits_store_failure)
     except ValidationError as error:
         raise ConfigError(format_validation_error("rayllm run", error, "router settings")) from None
+    try:
+        KeyStore.from_settings(settings)  # a bad keys file fails here, naming the file and field
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return settings
 
 
 def _limits_store(value: str) -> str:

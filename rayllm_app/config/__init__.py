@@ -6,7 +6,8 @@ here imports the router, the replica or the engine.
 * :mod:`~rayllm_app.config.rayllm_compat` - RayLLM's pre-vLLM sections and spellings
 * :mod:`~rayllm_app.config.prompt_format` - RayLLM prompt formats compiled to chat templates
 * :mod:`~rayllm_app.config.s3_config` - ``engine_config.s3_mirror_config``
-* :mod:`~rayllm_app.config.router_settings` - ``args.router`` (keys, CORS, limits, timeouts)
+* :mod:`~rayllm_app.config.router_settings` - ``args.router`` (keys, CORS, limits, timeouts, budget store)
+* :mod:`~rayllm_app.config.key_config` - the API keys file (allow-lists, budgets, priority, admin)
 
 The common names are re-exported here: ``from rayllm_app.config import ModelConfig``.
 """

@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -229,7 +229,8 @@ class Router:
         return Response(await collect_prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/admin/usage", responses=ERROR_RESPONSES)
-    async def usage(self, request: Request, since: float = 3600.0, until: float | None = None) -> JSONResponse:
+    async def usage(self, request: Request, since: float = Query(3600.0, ge=0, allow_inf_nan=False),
+                    until: float | None = Query(None, ge=0, allow_inf_nan=False)) -> JSONResponse:
         """Requests and tokens per key name and model over a window, from the shared usage
         history: ``since``/``until`` are unix times, or seconds ago when under 10^9. Needs a
         key with ``admin: true`` (open when authentication is off)."""

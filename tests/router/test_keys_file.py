@@ -158,3 +158,17 @@ def test_key_store_reads_env_and_file_and_authenticates(tmp_path: Path, monkeypa
     monkeypatch.delenv("TEST_RAYLLM_KEYS")
     open_store = KeyStore.from_settings(RouterSettings(api_keys_env="TEST_RAYLLM_KEYS"))
     assert not open_store.enabled and open_store.authenticate(None) is None
+
+
+def test_empty_allow_list_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError) as error:
+        parse_key_file(write(tmp_path, "keys:\n  - {key: sk-a, name: a, models: []}\n"))
+    assert "keys[0].models" in str(error.value) and "omit 'models'" in str(error.value)
+
+
+def test_names_must_not_clash_across_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TEST_RAYLLM_KEYS", "sk-env")
+    path = write(tmp_path, "keys:\n  - {key: sk-file, name: env-0}\n")
+    with pytest.raises(ValueError) as error:
+        KeyStore.from_settings(RouterSettings(api_keys_env="TEST_RAYLLM_KEYS", api_keys_file=str(path)))
+    assert "['env-0']" in str(error.value) and "sk-" not in str(error.value)
