@@ -340,7 +340,8 @@ def run_stack(stack: str, round_no: int, entry: dict, attempts: dict[int, list[B
     root = stack_root(stack, args)
     server = Server(stack, cmd, log_path, cwd=root, env=child_env(root))
     try:
-        server.wait_ready(base_url, model_id, args.startup_timeout)
+        server.wait_ready(base_url, model_id, args.startup_timeout,
+                          api_key=BENCH_KEY if stack in LIMIT_STACKS else None)
         entry["startup_s"].append(round(time.monotonic() - t0, 1))
         log(f"{stack} ready after {entry['startup_s'][-1]} s")
         run_levels(stack, base_url, model_id, args, attempts, entry["host_load"], round_no)

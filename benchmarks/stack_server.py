@@ -37,18 +37,20 @@ class Server:
             return ""
         return "\n".join(text[-lines:])
 
-    def wait_ready(self, base_url: str, model_id: str, timeout: float) -> None:
+    def wait_ready(self, base_url: str, model_id: str, timeout: float, api_key: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         probe = json.dumps({"model": model_id, "prompt": "hello", "max_tokens": 1}).encode()
+        auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exited with code {self.proc.returncode} while starting")
             try:
-                with urllib.request.urlopen(base_url + "/models", timeout=5) as resp:
+                with urllib.request.urlopen(urllib.request.Request(base_url + "/models", headers=auth),
+                                            timeout=5) as resp:
                     ids = [m.get("id") for m in json.load(resp).get("data", [])]
                 if model_id in ids:
                     req = urllib.request.Request(base_url + "/completions", data=probe,
-                                                 headers={"Content-Type": "application/json"})
+                                                 headers={"Content-Type": "application/json", **auth})
                     with urllib.request.urlopen(req, timeout=60) as resp:
                         if resp.status == 200:
                             return

@@ -69,6 +69,7 @@ def model_spec(config: ModelConfig) -> dict[str, Any]:
         "priority_scheduling": config.engine_config.engine_kwargs.get("scheduling_policy") == "priority",
         "default_max_tokens": config.engine_config.generation.sampling_defaults().get("max_tokens"),
         "max_num_seqs": config.engine_config.engine_kwargs.get("max_num_seqs"),
+        "idle_sleep": config.deployment_config.idle_sleep is not None,
     }
 
 

@@ -174,7 +174,8 @@ def _client(args: argparse.Namespace):
 def _cmd_models(args: argparse.Namespace) -> int:
     for card in _client(args).models.list().data:
         extra = getattr(card, "max_model_len", None)
-        print(f"{card.id}\tcontext={extra}" if extra else card.id)
+        status = (getattr(card, "metadata", None) or {}).get("status")
+        print("\t".join([card.id, *([f"context={extra}"] if extra else []), *([status] if status else [])]))
     return 0
 
 

@@ -128,6 +128,16 @@ class AutoscalingConfig(StrictModel):
         return self.model_dump(exclude_none=True)
 
 
+class IdleSleepConfig(StrictModel):
+    """vLLM's sleep mode for an idle replica: the engine gives its GPU memory back and keeps
+    the replica, so the next request waits seconds (a wake) instead of minutes (a cold start)."""
+
+    after_s: float = Field(300.0, gt=0, description="Idle time (no request in flight) before the engine sleeps.")
+    level: Literal[1, 2] = Field(
+        1, description="1: weights to CPU memory, KV cache dropped (fast wake); 2: both dropped "
+        "(weights reloaded from disk on wake).")
+
+
 class DeploymentConfig(StrictModel):
     """How Ray Serve runs the model's replicas."""
 
@@ -142,7 +152,10 @@ class DeploymentConfig(StrictModel):
     max_constructor_retry_count: int = Field(
         3, ge=1, description="Replica start attempts before the model is reported failed.")
     cold_start_timeout_s: float = Field(
-        300.0, gt=0, description="How long a request waits for a replica of a model that has none running.")
+        300.0, gt=0, description="How long a request waits for a replica of a model that has none running "
+        "(or for a sleeping replica to wake).")
+    idle_sleep: IdleSleepConfig | None = Field(
+        None, description="Put an idle replica's engine to sleep (GPUs only); a request wakes it.")
 
     @model_validator(mode="before")
     @classmethod
@@ -381,6 +394,11 @@ class ModelConfig(StrictModel):
         for name, value in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"engine_config.engine_kwargs.{name} must be a positive integer, got {value!r}")
+        if self.deployment_config.idle_sleep is not None and not self.scaling_config.num_gpus_per_worker:
+            raise ValueError(
+                "deployment_config.idle_sleep needs GPUs: vLLM's sleep mode gives GPU memory back, and "
+                "vLLM on CPUs has no sleep mode (scaling_config.num_gpus_per_worker is 0). Remove "
+                "idle_sleep, or give the workers GPUs.")
         if tp * pp != self.scaling_config.num_workers:
             raise ValueError(
                 f"engine_config.engine_kwargs.tensor_parallel_size ({tp}) x pipeline_parallel_size "

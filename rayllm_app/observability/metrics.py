@@ -67,6 +67,12 @@ METRICS: dict[str, tuple] = {
     "rayllm_prefix_cache_hits_total": (
         "counter", "Prompt tokens found in the prefix cache.", ("model",)),
     "rayllm_preemptions_total": ("counter", "Requests preempted by the engine's scheduler.", ("model",)),
+    # Idle sleep (deployment_config.idle_sleep), per replica.
+    "rayllm_sleeps_total": ("counter", "Times an idle replica's engine went to sleep.", ("model",)),
+    "rayllm_wakes_total": ("counter", "Times a sleeping replica's engine woke (for a request or by hand).", ("model",)),
+    "rayllm_wake_seconds": ("histogram", "Time from the wake's start to the engine being ready.", ("model",),
+                            [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0, 80.0]),
+    "rayllm_asleep_seconds_total": ("counter", "Seconds replicas' engines spent asleep.", ("model",)),
     # Usage per API key *name* (never the key), counted by the router from the engine's counts.
     "rayllm_key_requests_total": (
         "counter", "Requests per API key name and model, by HTTP status; key=anonymous when "

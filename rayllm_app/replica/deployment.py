@@ -19,6 +19,7 @@ from rayllm_app.config import ModelConfig, parse_model_config
 from rayllm_app.observability.metrics import ModelMetrics, status_of
 from rayllm_app.replica.engine_guard import start_guard
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
+from rayllm_app.replica.idle_sleep import IdleSleep
 from rayllm_app.replica.request_defaults import RequestDefaults
 from rayllm_app.replica.stream_channel import (
     ChannelRequest,
@@ -34,6 +35,8 @@ class ModelServer:
     """A replica: fetch the weights, start the engine, answer forwarded HTTP requests with
     vLLM's own OpenAI application."""
 
+    idle_sleep: IdleSleep | None = None  # deployment_config.idle_sleep
+
     async def __init__(self, config: dict[str, Any]) -> None:
         self.timings: dict[str, float] = {"constructor_start": time.time()}
         from rayllm_app.replica.engine import VLLMEngine
@@ -48,8 +51,26 @@ class ModelServer:
         self.metrics = ModelMetrics(self.config.model_id)
         self._guard = start_guard(self.engine.child_pids())  # the engine dies with this replica
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
+        self.idle_sleep = self._start_idle_sleep()
         self.timings["engine_ready"] = time.time()
         logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)
+
+    def _start_idle_sleep(self) -> IdleSleep | None:
+        """The sleep controller of a model with deployment_config.idle_sleep, reporting its state
+        to the router and following its commands (sleep_registry)."""
+        deployment = self.config.deployment_config
+        if deployment.idle_sleep is None:
+            return None
+        from rayllm_app.observability.metrics import ray_metric
+        from rayllm_app.replica import sleep_registry
+
+        controller = IdleSleep(self.engine, self.config.model_id, deployment.idle_sleep.after_s,
+                               deployment.idle_sleep.level, deployment.cold_start_timeout_s, metric=ray_metric)
+        controller.start()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._sleep_follower = asyncio.ensure_future(
+            sleep_registry.follow(controller, deployment_name(self.config.model_id), replica))
+        return controller
 
     async def forward(self, request: ForwardedRequest) -> Reply:
         """A whole answer (the router did not ask for a stream), with its usage."""
@@ -107,6 +128,13 @@ class ModelServer:
         timer = self.metrics.start()
         usage = Usage()
         REQUEST_USAGE.set(usage)  # vLLM's handler tasks, started below, inherit it
+        sleeper = self.idle_sleep
+        if sleeper is not None:
+            try:
+                await sleeper.enter()  # wakes a sleeping engine first
+            except BaseException as error:
+                timer.finish(status_of(error))
+                raise
 
         def watch(chunk: bytes) -> None:
             if chunk.startswith(b'data: {"error"'):
@@ -131,6 +159,8 @@ class ModelServer:
         finally:
             timer.finish()
             await items.aclose()
+            if sleeper is not None:
+                sleeper.leave()
 
     async def _channel_server(self) -> ReplicaChannelServer | None:
         """Started on first use, on the loop that runs the requests; None if it cannot listen."""

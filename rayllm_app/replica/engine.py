@@ -36,6 +36,8 @@ def build_engine_kwargs(config: ModelConfig, model_path: str) -> dict[str, Any]:
     if engine.max_total_tokens is not None:
         kwargs["max_model_len"] = engine.max_total_tokens
     kwargs.setdefault("enable_log_requests", False)
+    if config.deployment_config.idle_sleep is not None:
+        kwargs["enable_sleep_mode"] = True
     kwargs.setdefault("max_logprobs", engine.generation.max_logprobs)
     if config.scaling_config.num_workers > 1:
         # GPUs: vLLM's Ray executor places its workers in the replica's placement group.
@@ -126,6 +128,17 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         await self._engine.check_health()
+
+    async def sleep(self, level: int) -> None:
+        """vLLM's sleep mode: level 1 moves the weights to CPU memory and drops the KV cache,
+        level 2 drops both. The caller makes sure no request is running (vLLM aborts them)."""
+        await self._engine.sleep(level)
+
+    async def wake_up(self, level: int) -> None:
+        await self._engine.wake_up()
+        if level == 2:  # the weights were dropped: load them again from the model folder
+            await self._engine.collective_rpc("reload_weights")
+        await self._engine.reset_prefix_cache()
 
     @property
     def errored(self) -> bool:

@@ -42,6 +42,7 @@ from rayllm_app.observability.metrics import (
 )
 from rayllm_app.config.key_config import PRIORITY_VALUES
 from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply, Usage
+from rayllm_app.replica.sleep_registry import sleep_command
 from rayllm_app.replica.stream_channel import RouterChannels
 from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
 from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
@@ -234,10 +235,7 @@ class Router:
         """Requests and tokens per key name and model over a window, from the shared usage
         history: ``since``/``until`` are unix times, or seconds ago when under 10^9. Needs a
         key with ``admin: true`` (open when authentication is off)."""
-        caller = self._caller(request)
-        if caller is not None and not caller.admin:
-            raise PermissionDeniedError("GET /admin/usage needs an API key with 'admin: true' in the keys file.",
-                                        code="admin_required")
+        self._admin(request, "GET /admin/usage")
         now = time.time()
         start = now - since if since < 1e9 else since
         end = now if until is None else (now - until if until < 1e9 else until)
@@ -249,10 +247,45 @@ class Router:
         return JSONResponse({"object": "list", "since": start, "until": end,
                              "data": [dataclasses.asdict(row) for row in rows]})
 
+    def _admin(self, request: Request, what: str) -> None:
+        """Admin endpoints need a key with ``admin: true`` (open when authentication is off)."""
+        caller = self._caller(request)
+        if caller is not None and not caller.admin:
+            raise PermissionDeniedError(f"{what} needs an API key with 'admin: true' in the keys file.",
+                                        code="admin_required")
+
+    @app.post("/admin/models/{model_id:path}/sleep", responses=ERROR_RESPONSES)
+    async def sleep_model(self, model_id: str, request: Request) -> JSONResponse:
+        """Put every replica of a model with ``idle_sleep`` to sleep now (after their requests)."""
+        return await self._sleep_command(request, model_id, "sleep")
+
+    @app.post("/admin/models/{model_id:path}/wake", responses=ERROR_RESPONSES)
+    async def wake_model(self, model_id: str, request: Request) -> JSONResponse:
+        """Wake every sleeping replica of a model, e.g. ahead of expected traffic."""
+        return await self._sleep_command(request, model_id, "wake")
+
+    async def _sleep_command(self, request: Request, model_id: str, action: str) -> JSONResponse:
+        self._admin(request, f"POST /admin/models/{{model}}/{action}")
+        spec = self.status.specs.get(model_id)
+        if spec is None:
+            raise ModelNotFoundError(model_id, list(self.handles))
+        if not spec.idle_sleep:
+            raise InvalidRequestError(f"Model '{model_id}' has no deployment_config.idle_sleep, so it never "
+                                      "sleeps; add it to the model's YAML (GPU models only).", param="model")
+        states = await sleep_command(spec.deployment, action)
+        done = bool(states) and all(state == ("sleeping" if action == "sleep" else "awake")
+                                    for state in states.values())
+        return JSONResponse({"model": model_id, "action": action, "done": done, "replicas": states},
+                            status_code=200 if done else 202)
+
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models(self, request: Request) -> ModelList:
         caller = self._caller(request)
-        return ModelList(data=[c for c in self.cards if caller is None or caller.allows(c.id)])
+        return ModelList(data=[self._card(c) for c in self.cards if caller is None or caller.allows(c.id)])
+
+    def _card(self, card: ModelCard) -> ModelCard:
+        """The card with the model's state now (ready, sleeping, scaled_to_zero, ...)."""
+        return card.model_copy(update={"metadata": {**card.metadata, "status": self.status.state(card.id).shown}})
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(self, model_id: str, request: Request) -> ModelCard:
@@ -260,7 +293,7 @@ class Router:
         self.keys.authorize(caller, model_id)
         for card in self.cards:
             if card.id == model_id:
-                return card
+                return self._card(card)
         raise ModelNotFoundError(model_id, [m for m in self.handles if caller is None or caller.allows(m)])
 
     # Forwarded endpoints: vLLM's OpenAI layer in the model's replica answers them.

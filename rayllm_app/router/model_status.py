@@ -18,6 +18,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 READY, STARTING, IDLE, FAILED = "ready", "starting", "scaled_to_zero", "failed"
+SLEEPING = "sleeping"
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ModelSpec:
     priority_scheduling: bool = False        # the engine runs scheduling_policy: priority
     default_max_tokens: int | None = None    # the model's generate_kwargs max_tokens
     max_num_seqs: int | None = None          # the engine's batch slots per replica, when set
+    idle_sleep: bool = False                 # deployment_config.idle_sleep: replicas may sleep
 
 
 @dataclass
@@ -42,12 +44,23 @@ class ModelState:
     state: str = STARTING
     message: str = ""
     running_replicas: int = 0
+    sleeping_replicas: int | None = None  # None: the model never sleeps
     target_replicas: int | None = None
     pending_since: float | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def shown(self) -> str:
+        """The state clients see: ``sleeping`` when every running replica's engine sleeps (a
+        request is still routed to it, and wakes it)."""
+        if self.state == READY and self.sleeping_replicas and self.sleeping_replicas >= self.running_replicas:
+            return SLEEPING
+        return self.state
+
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"status": self.state, "running_replicas": self.running_replicas}
+        info: dict[str, Any] = {"status": self.shown, "running_replicas": self.running_replicas}
+        if self.sleeping_replicas is not None:
+            info["sleeping_replicas"] = self.sleeping_replicas
         if self.message:
             info["message"] = self.message
         return info
@@ -132,6 +145,13 @@ def _read_cluster_state(app_name: str) -> tuple[dict[str, DeploymentOverview], l
     return deployments, waiting
 
 
+def _sleeping_counts(deployments: list[str]) -> dict[str, int]:
+    """How many replicas of each deployment report a sleeping engine (replica.sleep_registry)."""
+    from rayllm_app.replica.sleep_registry import read_states
+
+    return {name: sum(state == "sleeping" for state in read_states(name).values()) for name in deployments}
+
+
 def _short_error(message: str) -> str:
     """Ray's deploy-failure messages carry a full traceback; keep the exception line."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
@@ -171,6 +191,12 @@ class ModelStatusTracker:
                 continue
             waiting = any(f"#{spec.deployment}#" in name for name in waiting_groups)
             nodes = self._update(self.states[model_id], spec, overview, now, nodes, waiting)
+        sleepy = [spec for spec in self.specs.values() if spec.idle_sleep]
+        if sleepy:
+            counts = await asyncio.to_thread(_sleeping_counts, [spec.deployment for spec in sleepy])
+            for spec in sleepy:
+                state = self.states[spec.model_id]
+                state.sleeping_replicas = min(counts.get(spec.deployment, 0), state.running_replicas)
 
     def _update(self, state: ModelState, spec: ModelSpec, overview: DeploymentOverview, now: float,
                 nodes: list[dict[str, float]] | None, waiting_for_resources: bool

@@ -1,0 +1,177 @@
+"""Idle sleep on a GPU: how fast a sleeping replica answers, what it holds while asleep, and
+whether it serves as fast after a wake (deployment_config.idle_sleep, vLLM's sleep mode).
+
+On a GPU host with the project installed (or the GPU kit's environment, ../shared/gpu)::
+
+    python benchmarks/gpu_sleep.py --model-yaml /tmp/m8b.yaml --after-s 8 --cycles 5
+
+It serves the model with ``rayllm run`` and ``idle_sleep: {after_s, level}``, then:
+
+1. **throughput before**: ``rayllm bench`` at ``--concurrency`` (streamed, ``ignore_eos``);
+2. **cycles**: wait until ``/health`` shows the model ``sleeping``, read the GPU's used memory,
+   send one streamed request and time its first token (the wake plus a prefill), and read
+   the replica's own ``rayllm_wake_seconds`` from ``/metrics``;
+3. **throughput after**: the same bench again.
+
+Results: JSON and Markdown in ``--out`` (default ``benchmarks/results/<date>-gpu-sleep.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_json(url: str, timeout: float = 10) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def gpu_memory_mib(index: int) -> int:
+    out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[0])
+
+
+def model_status(root: str, model: str) -> str:
+    try:
+        return get_json(f"{root}/health")["models"][model]["status"]
+    except Exception:  # noqa: BLE001 - starting
+        return "unknown"
+
+
+def wait_status(root: str, model: str, wanted: str, timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if model_status(root, model) == wanted:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise RuntimeError(f"{model} not {wanted} within {timeout_s:.0f} s (now {model_status(root, model)})")
+
+
+def first_token_s(root: str, model: str) -> float:
+    body = json.dumps({"model": model, "prompt": "The capital of France is", "max_tokens": 8, "stream": True,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"{root}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for line in response:
+            if line.startswith(b"data: {"):
+                return time.perf_counter() - started
+    raise RuntimeError("no token")
+
+
+def wake_seconds(root: str) -> tuple[float, float]:
+    """The replicas' rayllm_wake_seconds (sum, count) from /metrics."""
+    with urllib.request.urlopen(f"{root}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        match = re.match(r"rayllm_wake_seconds_(sum|count)\{[^}]*\} ([0-9.e+-]+)", line)
+        if match:
+            if match.group(1) == "sum":
+                total += float(match.group(2))
+            else:
+                count += float(match.group(2))
+    return total, count
+
+
+def bench(base_url: str, model: str, args: argparse.Namespace, label: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        subprocess.run([sys.executable, "-m", "rayllm_app.cli", "bench", "--base-url", base_url, "--model", model,
+                        "--endpoint", "completions", "--stream", "--concurrency", str(args.concurrency),
+                        "--num-requests", str(args.num_requests), "--input-len", "128", "--output-len", "256",
+                        "--ignore-eos", "--warmup-requests", "4", "--label", label, "--no-progress",
+                        "--output-json", str(out)], check=True, cwd=ROOT)
+        run = json.loads(out.read_text())["runs"][0]
+    return {"out_tok_s": round(run["output_throughput"], 1), "ttft_p50_ms": run["ttft_ms"]["p50"],
+            "itl_p50_ms": run["itl_ms"]["p50"], "failed": run["failed"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-yaml", type=Path, required=True)
+    p.add_argument("--after-s", type=float, default=8.0)
+    p.add_argument("--level", type=int, choices=(1, 2), default=1)
+    p.add_argument("--cycles", type=int, default=5)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--gpu", type=int, default=0, help="index of the GPU the model runs on")
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--out", type=Path, default=None, help="results stem (without suffix)")
+    args = p.parse_args(argv)
+
+    config = yaml.safe_load(args.model_yaml.read_text())
+    config.setdefault("deployment_config", {})["idle_sleep"] = {"after_s": args.after_s, "level": args.level}
+    model = config["engine_config"]["model_id"]
+    work = Path(tempfile.mkdtemp(prefix="gpu-sleep-"))
+    model_file = work / "model.yaml"
+    model_file.write_text(yaml.safe_dump(config))
+    root = f"http://127.0.0.1:{args.port}"
+    idle_mib = gpu_memory_mib(args.gpu)
+    log = open(work / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "rayllm_app.cli", "run", "--model", str(model_file),
+                               "--port", str(args.port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                              start_new_session=True)
+    report: dict = {"date": _dt.date.today().isoformat(), "model": model, "idle_sleep": config["deployment_config"]
+                    ["idle_sleep"], "gpu_idle_mib": idle_mib, "cycles": []}
+    try:
+        report["startup_s"] = round(wait_status(root, model, "ready", args.startup_timeout), 1)
+        report["gpu_awake_mib"] = gpu_memory_mib(args.gpu)
+        report["before"] = bench(f"{root}/v1", model, args, "before sleep")
+        for cycle in range(args.cycles):
+            fell_asleep = wait_status(root, model, "sleeping", args.after_s + 120)
+            time.sleep(1.0)
+            asleep_mib = gpu_memory_mib(args.gpu)
+            before = wake_seconds(root)
+            ttft = first_token_s(root, model)
+            entry = {"cycle": cycle + 1, "asleep_after_s": round(fell_asleep, 1),
+                     "gpu_asleep_mib": asleep_mib, "gpu_asleep_above_idle_mib": asleep_mib - idle_mib,
+                     "first_token_after_sleep_s": round(ttft, 3)}
+            time.sleep(12)  # the replica's metrics reach /metrics through Ray's exporter
+            after = wake_seconds(root)
+            if after[1] > before[1]:
+                entry["wake_s"] = round((after[0] - before[0]) / (after[1] - before[1]), 3)
+            report["cycles"].append(entry)
+            print(json.dumps(entry), flush=True)
+        report["after"] = bench(f"{root}/v1", model, args, "after wake")
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+        report["log_tail"] = (work / "serve.log").read_text()[-3000:]
+    firsts = [c["first_token_after_sleep_s"] for c in report["cycles"]]
+    report["summary"] = {
+        "first_token_after_sleep_p50_s": statistics.median(firsts) if firsts else None,
+        "gpu_asleep_max_mib": max((c["gpu_asleep_mib"] for c in report["cycles"]), default=None),
+        "throughput_after_over_before": round(report["after"]["out_tok_s"] / report["before"]["out_tok_s"], 4)
+        if report.get("after") else None,
+    }
+    stem = args.out or ROOT / "benchmarks" / "results" / f"{report['date']}-gpu-sleep"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
