@@ -127,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     root = f"http://127.0.0.1:{args.port}"
     idle_mib = gpu_memory_mib(args.gpu)
     log = open(work / "serve.log", "w")
+    launched_at = time.time()
     server = subprocess.Popen([sys.executable, "-m", "rayllm_app.cli", "run", "--model", str(model_file),
                                "--port", str(args.port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                               start_new_session=True)
     report: dict = {"date": _dt.date.today().isoformat(), "model": model, "idle_sleep": config["deployment_config"]
-                    ["idle_sleep"], "gpu_idle_mib": idle_mib, "cycles": []}
+                    ["idle_sleep"], "gpu_idle_mib": idle_mib, "launched_at": launched_at, "cycles": []}
     try:
         report["startup_s"] = round(wait_status(root, model, "ready", args.startup_timeout), 1)
         report["gpu_awake_mib"] = gpu_memory_mib(args.gpu)
@@ -159,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
-        report["log_tail"] = (work / "serve.log").read_text()[-3000:]
+        served_log = (work / "serve.log").read_text()
+        # The replica's start timeline (process start, imports, weights, engine): where a start goes.
+        report["replica_timings"] = [line[line.index("ready: ") + 7:] for line in served_log.splitlines()
+                                     if "Replica of" in line and "ready: " in line]
     firsts = [c["first_token_after_sleep_s"] for c in report["cycles"]]
     report["summary"] = {
         "first_token_after_sleep_p50_s": statistics.median(firsts) if firsts else None,
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     stem = args.out or ROOT / "benchmarks" / "results" / f"{report['date']}-gpu-sleep"
     Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{stem}-serve.log").write_text(served_log[-2_000_000:])
     print(json.dumps(report["summary"]), flush=True)
     return 0
 

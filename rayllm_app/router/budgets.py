@@ -37,7 +37,7 @@ from rayllm_app.observability.metrics import record_key_usage, record_rate_limit
 from rayllm_app.replica.http_forward import Usage
 from rayllm_app.router.auth import ApiKey
 from rayllm_app.router.priority_gate import PriorityGate
-from rayllm_app.tenancy.state import CONCURRENT, REQUESTS, TOKENS, Decision, Scope, UsageRecord
+from rayllm_app.tenancy.state import CONCURRENT, REQUESTS, TOKENS, Decision, Scope, Settlement, UsageRecord
 from rayllm_app.tenancy.stores import LimitStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"
 USAGE_FLUSH_S = 5.0
 USAGE_FLUSH_TIMEOUT_S = 10.0
+SETTLE_BATCH_S = 0.01
 WARN_EVERY_S = 30.0
 BYTES_PER_PROMPT_TOKEN = 4  # the body's JSON is larger than its tokens: an upper-leaning guess
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -158,6 +159,7 @@ class Budgets:
         self.inflight: Counter[str] = Counter()  # this router's requests per model
         self.gate = PriorityGate()
         self._usage: dict[tuple[str, str], list[int]] = {}
+        self._settles: list[Settlement] = []
         self._tasks: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
         self._warned_at = 0.0
@@ -244,22 +246,39 @@ class Budgets:
         totals[3] += status >= 400
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush_every(USAGE_FLUSH_S))
-        if admission.scopes:
-            self._spawn(self.store.settle(admission.scopes, admission.lease_id, admission.reserved, used, None))
+        if any(scope.tokens_per_minute or scope.max_concurrent_requests for scope in admission.scopes):
+            # Batched: one store call per SETTLE_BATCH_S for every request that ended in it.
+            self._settles.append(Settlement(admission.scopes, admission.lease_id, admission.reserved, used))
+            if len(self._settles) == 1:
+                asyncio.get_running_loop().call_later(SETTLE_BATCH_S, self._flush_settles)
+
+    def _flush_settles(self) -> None:
+        batch, self._settles = self._settles, []
+        if batch:
+            self._spawn(self.store.settle_many(batch))
+
+    async def settled(self) -> None:
+        """Send the settles waiting for their batch now, and wait for every settle sent."""
+        self._flush_settles()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks))
 
     async def flush_usage(self) -> None:
         """Add this router's usage since the last flush to the store's history."""
         pending, self._usage = self._usage, {}
-        for (key, model), (requests, prompt, completion, errors) in pending.items():
-            record = UsageRecord(key, model, requests, prompt, completion, errors)
-            try:
-                await asyncio.wait_for(self.store.settle([], "", 0, 0, record), USAGE_FLUSH_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                # It may still land: adding it again could count it twice. History is
-                # at-most-once (the Prometheus counters above have every request).
-                logger.warning("Usage flush to the limits store timed out; %d request(s) of key '%s' on "
-                               "'%s' may be missing from the usage history", requests, key, model)
-            except Exception:  # noqa: BLE001 - not sent (store down): kept for the next flush
+        records = [UsageRecord(key, model, *totals) for (key, model), totals in pending.items()]
+        if not records:
+            return
+        try:
+            await asyncio.wait_for(self.store.settle_many([Settlement([], "", 0, 0, record) for record in records]),
+                                   USAGE_FLUSH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            # It may still land: adding it again could count it twice. History is
+            # at-most-once (the Prometheus counters above have every request).
+            logger.warning("Usage flush to the limits store timed out; %d request(s) may be missing from "
+                           "the usage history", sum(record.requests for record in records))
+        except Exception:  # noqa: BLE001 - not sent (store down): kept for the next flush
+            for record in records:
                 self._add_back(record)
 
     async def usage(self, since: float, until: float) -> list[Any]:
@@ -267,8 +286,14 @@ class Budgets:
         return await asyncio.wait_for(self.store.usage(since, until), self.settings.limits_store_timeout_s * 4)
 
     async def close(self) -> None:
+        """Settle and flush what is pending (a router going away keeps its usage history)."""
         if self._flusher is not None:
             self._flusher.cancel()
+        try:
+            await self.settled()
+            await self.flush_usage()
+        except Exception:  # noqa: BLE001 - the store may be gone already
+            logger.debug("final flush failed", exc_info=True)
         if self._store is not None:
             await self._store.close()
 

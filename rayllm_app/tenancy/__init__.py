@@ -22,12 +22,14 @@ from rayllm_app.tenancy.state import (
     MemoryLimitState,
     MemoryStore,
     Scope,
+    Settlement,
     UsageRecord,
     UsageRow,
 )
 from rayllm_app.tenancy.stores import LimitStore, open_store
 
 __all__ = [
+    "Settlement",
     "CONCURRENT", "LEASE_S", "REQUESTS", "TOKENS", "Decision", "EmbeddedStore", "LimitStore",
     "MemoryLimitState", "MemoryStore", "RedisStore", "Scope", "UsageRecord", "UsageRow", "open_store",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ray
 
-from rayllm_app.tenancy.state import Decision, MemoryLimitState, Scope, UsageRecord, UsageRow
+from rayllm_app.tenancy.state import Decision, MemoryLimitState, Scope, Settlement, UsageRecord, UsageRow
 
 ACTOR_NAME = "rayllm-limits"
 ACTOR_NAMESPACE = "rayllm"
@@ -35,6 +35,10 @@ class LimitsActor:
     async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
                      usage: UsageRecord | None) -> None:
         self._state.settle(scopes, lease_id, reserved, used, usage)
+
+    async def settle_many(self, items: list[Settlement]) -> None:
+        for item in items:
+            self._state.settle(item.scopes, item.lease_id, item.reserved, item.used, item.usage)
 
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         return self._state.usage(since, until)
@@ -75,6 +79,11 @@ class EmbeddedStore:
     async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
                      usage: UsageRecord | None) -> None:
         await self._call("settle", scopes, lease_id, reserved, used, usage)
+
+    async def settle_many(self, items: list[Settlement]) -> None:
+        """Many settles in one actor call."""
+        if items:
+            await self._call("settle_many", items)
 
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         return await self._call("usage", since, until)

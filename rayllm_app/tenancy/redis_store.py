@@ -26,6 +26,7 @@ from rayllm_app.tenancy.state import (
     ZERO_RATE_RETRY_S,
     Decision,
     Scope,
+    Settlement,
     UsageRecord,
     UsageRow,
     minute_of,
@@ -183,6 +184,20 @@ class RedisStore:
 
     async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
                      usage: UsageRecord | None) -> None:
+        await self._settle(*self._settle_call(scopes, lease_id, reserved, used, usage))
+
+    async def settle_many(self, items: list[Settlement]) -> None:
+        """Many settles in one round trip (a pipeline of the settle script)."""
+        if not items:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for item in items:
+                await self._settle(*self._settle_call(item.scopes, item.lease_id, item.reserved, item.used,
+                                                      item.usage), client=pipe)
+            await pipe.execute()
+
+    def _settle_call(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
+                     usage: UsageRecord | None) -> tuple[list[str], list[str | int | float]]:
         keys: list[str] = []
         args: list[str | int | float] = [lease_id, int(reserved), int(used), len(scopes)]
         for scope in scopes:
@@ -191,7 +206,7 @@ class RedisStore:
         args += [self.prefix, USAGE_RETENTION_S, 0 if usage is None else 1]
         if usage is not None:
             args += [usage.key, usage.model, *(int(getattr(usage, name)) for name in USAGE_FIELDS)]
-        await self._settle(keys=keys, args=args)
+        return keys, args
 
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         minutes = await self._client.zrangebyscore(f"{self.prefix}u:minutes", minute_of(since), until)

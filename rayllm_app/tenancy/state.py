@@ -61,6 +61,17 @@ class UsageRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Settlement:
+    """One ``settle`` call's arguments, for ``settle_many`` (a router batches its settles)."""
+
+    scopes: list[Scope]
+    lease_id: str
+    reserved: int
+    used: int
+    usage: UsageRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRow:
     key: str
     model: str
@@ -241,6 +252,10 @@ class MemoryStore:
     async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
                      usage: UsageRecord | None) -> None:
         self.state.settle(scopes, lease_id, reserved, used, usage)
+
+    async def settle_many(self, items: list[Settlement]) -> None:
+        for item in items:
+            self.state.settle(item.scopes, item.lease_id, item.reserved, item.used, item.usage)
 
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         return self.state.usage(since, until)

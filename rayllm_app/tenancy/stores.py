@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from rayllm_app.tenancy.state import Decision, Scope, UsageRecord, UsageRow
+from rayllm_app.tenancy.state import Decision, Scope, Settlement, UsageRecord, UsageRow
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -22,6 +22,9 @@ class LimitStore(Protocol):
     async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
                      usage: UsageRecord | None) -> None:
         """Return ``reserved - used`` tokens (negative: debt), free the lease, record usage."""
+
+    async def settle_many(self, items: list[Settlement]) -> None:
+        """Several settles in one call (one round trip)."""
 
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         """Usage summed over [since, until] (unix seconds, minute granularity), sorted by (key, model)."""

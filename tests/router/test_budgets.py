@@ -77,7 +77,7 @@ async def admit(budgets: Budgets, api_key: ApiKey | None, max_tokens: int | None
 
 async def drain(budgets: Budgets) -> None:
     """Wait for the background store settles ``settle`` started."""
-    await asyncio.gather(*list(budgets._tasks))
+    await budgets.settled()
 
 
 def run(coro_fn):
@@ -379,6 +379,12 @@ class FlakyStore(MemoryStore):
         if self.down:
             await self._fail()
         return await super().settle(scopes, lease_id, reserved, used, usage)
+
+    async def settle_many(self, items):
+        self.settles += sum(1 for item in items if item.scopes)
+        if self.down:
+            await self._fail()
+        return await super().settle_many(items)
 
 
 def test_store_down_fail_open_admits_without_headers():

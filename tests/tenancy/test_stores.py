@@ -21,6 +21,7 @@ from rayllm_app.tenancy import (
     MemoryLimitState,
     MemoryStore,
     Scope,
+    Settlement,
     UsageRecord,
     UsageRow,
     open_store,
@@ -125,6 +126,23 @@ def test_settle_debt_makes_later_requests_wait(run):
         assert refused.retry_after_s == pytest.approx(50 / (100 / 60), abs=0.1)
         assert refused.remaining_tokens == 0 and refused.reset_tokens_s == pytest.approx(150 * 0.6, abs=0.1)
         await store.settle(scope, "never-admitted", reserved=0, used=0, usage=None)   # not an error
+
+    run(body)
+
+
+def test_settle_many_is_every_settle_at_once(run):
+    scope = [Scope("team-a", tokens_per_minute=100, max_concurrent_requests=2)]
+
+    async def body(store, advance, now):
+        assert (await store.admit(scope, "a", 40)).allowed and (await store.admit(scope, "b", 40)).allowed
+        assert not (await store.admit(scope, "c", 10)).allowed                # both slots taken
+        record = UsageRecord("team-a", "m", 2, 5, 15, 0)
+        await store.settle_many([Settlement(scope, "a", 40, 10), Settlement(scope, "b", 40, 10),
+                                 Settlement([], "", 0, 0, record)])
+        refunded = await store.admit(scope, "c", 80)   # 20 left + 60 back; both slots free again
+        assert refunded.allowed and refunded.remaining_tokens == 0
+        assert await store.usage(now() - 60, now() + 60) == [UsageRow("team-a", "m", 2, 5, 15, 0)]
+        await store.settle_many([])                    # nothing to send is fine
 
     run(body)
 
