@@ -36,6 +36,8 @@ from rayllm_app.errors import OpenAIError, OverloadedError
 from rayllm_app.observability.metrics import record_key_usage, record_rate_limited
 from rayllm_app.replica.http_forward import Usage
 from rayllm_app.router.auth import ApiKey
+from rayllm_app.router.headroom import Headroom
+from rayllm_app.router.ratelimit_headers import format_reset, rate_limit_headers
 from rayllm_app.router.priority_gate import PriorityGate
 from rayllm_app.tenancy.state import CONCURRENT, REQUESTS, TOKENS, Decision, Scope, Settlement, UsageRecord
 from rayllm_app.tenancy.stores import LimitStore, open_store
@@ -82,28 +84,6 @@ class LimitStoreUnavailableError(OpenAIError):
                          headers={"Retry-After": "5"})
 
 
-def format_reset(seconds: float) -> str:
-    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
-    if seconds < 1:
-        return f"{max(int(seconds * 1000), 0)}ms"
-    if seconds < 60:
-        return f"{round(seconds, 3):g}s"
-    minutes, rest = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{rest}s"
-
-
-def rate_limit_headers(decision: Decision) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for kind, limit, remaining, reset in (
-            ("requests", decision.limit_requests, decision.remaining_requests, decision.reset_requests_s),
-            ("tokens", decision.limit_tokens, decision.remaining_tokens, decision.reset_tokens_s)):
-        if limit is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining or 0, 0))
-            headers[f"x-ratelimit-reset-{kind}"] = format_reset(reset or 0.0)
-    return headers
-
-
 def requested_tokens(raw: bytes, data: dict[str, Any], path: str, default_max_tokens: int | None) -> int:
     """What a request may use: its prompt (estimated from the body's size) plus the most it
     may generate. Endpoints that reach no engine (tokenize, count_tokens) reserve nothing."""
@@ -147,6 +127,7 @@ class Admission:
     lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     headers: dict[str, str] = field(default_factory=dict)
     gated: bool = False   # holds a low-priority slot (priority_gate)
+    counted: asyncio.Future | None = None  # admitted ahead of the store: its count there (headroom)
     settled: bool = False
 
 
@@ -158,6 +139,7 @@ class Budgets:
         self._store = store
         self.inflight: Counter[str] = Counter()  # this router's requests per model
         self.gate = PriorityGate()
+        self.headroom = Headroom(settings.replicas)
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._settles: list[Settlement] = []
         self._tasks: set[asyncio.Task] = set()
@@ -212,6 +194,11 @@ class Budgets:
 
     async def _check_budgets(self, admission: Admission, key: ApiKey | None, scopes: list[Scope]) -> None:
         name, model = admission.key, admission.model
+        if scopes and (local := self.headroom.admit_locally(scopes, admission.reserved)) is not None:
+            admission.headers = local  # far from every limit: the store learns of it in the background
+            admission.counted = asyncio.ensure_future(self._admit_in_background(admission))
+            self.headroom.started(scopes)
+            return
         if scopes:
             try:
                 decision = await self._store_call(self.store.admit(scopes, admission.lease_id, admission.reserved))
@@ -220,11 +207,27 @@ class Budgets:
                     raise LimitStoreUnavailableError("the limits store is unreachable") from None
                 decision = None
                 admission.scopes = []  # failing open: nothing to settle
+            if decision is not None:
+                self.headroom.saw(scopes, decision)
             if decision is not None and not decision.allowed:
                 record_rate_limited(name, model, decision.limit or "")
                 raise self._refusal(name, model, admission.reserved, decision, scopes)
             if decision is not None:
                 admission.headers = rate_limit_headers(decision)
+                self.headroom.started(scopes)
+
+    async def _admit_in_background(self, admission: Admission) -> bool:
+        """The store's count of a request admitted locally; False if the store did not count
+        it (refused: other routers spent the headroom meanwhile; or unreachable)."""
+        try:
+            decision = await self._store_call(self.store.admit(admission.scopes, admission.lease_id, admission.reserved))
+        except _StoreDown:
+            return False
+        self.headroom.saw(admission.scopes, decision)
+        if not decision.allowed:
+            logger.info("Key '%s' went over its %s on '%s' by one request admitted ahead of the store",
+                        admission.key, decision.limit, admission.model)
+        return decision.allowed
 
     def settle(self, admission: Admission, usage: Usage | None, status: int) -> None:
         """The request ended: record its usage now, and settle its reservation in the store
@@ -246,11 +249,24 @@ class Budgets:
         totals[3] += status >= 400
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush_every(USAGE_FLUSH_S))
+        if admission.scopes:
+            self.headroom.ended(admission.scopes)
         if any(scope.tokens_per_minute or scope.max_concurrent_requests for scope in admission.scopes):
-            # Batched: one store call per SETTLE_BATCH_S for every request that ended in it.
-            self._settles.append(Settlement(admission.scopes, admission.lease_id, admission.reserved, used))
-            if len(self._settles) == 1:
-                asyncio.get_running_loop().call_later(SETTLE_BATCH_S, self._flush_settles)
+            if admission.counted is not None and not admission.counted.done():
+                admission.counted.add_done_callback(lambda _: self._queue_settle(admission, used))
+            else:
+                self._queue_settle(admission, used)
+
+    def _queue_settle(self, admission: Admission, used: int) -> None:
+        """Batched: one store call per SETTLE_BATCH_S for every request that ended in it. A
+        request the store never counted settles nothing it reserved, only what it used."""
+        counted = admission.counted
+        reserved = admission.reserved
+        if counted is not None and (counted.cancelled() or counted.exception() is not None or not counted.result()):
+            reserved = 0
+        self._settles.append(Settlement(admission.scopes, admission.lease_id, reserved, used))
+        if len(self._settles) == 1:
+            asyncio.get_running_loop().call_later(SETTLE_BATCH_S, self._flush_settles)
 
     def _flush_settles(self) -> None:
         batch, self._settles = self._settles, []
