@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"
 USAGE_FLUSH_S = 5.0
 USAGE_FLUSH_TIMEOUT_S = 10.0
-SETTLE_BATCH_S = 0.01
+SETTLE_BATCH_S = 0.01  # admits made ahead of the store and settles go out in batches this often
 WARN_EVERY_S = 30.0
 BYTES_PER_PROMPT_TOKEN = 4  # the body's JSON is larger than its tokens: an upper-leaning guess
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -142,6 +142,8 @@ class Budgets:
         self.headroom = Headroom(settings.replicas)
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._settles: list[Settlement] = []
+        self._admits: list[Admission] = []   # admitted ahead of the store, not yet sent
+        self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
         self._warned_at = 0.0
@@ -196,7 +198,9 @@ class Budgets:
         name, model = admission.key, admission.model
         if scopes and (local := self.headroom.admit_locally(scopes, admission.reserved)) is not None:
             admission.headers = local  # far from every limit: the store learns of it in the background
-            admission.counted = asyncio.ensure_future(self._admit_in_background(admission))
+            admission.counted = asyncio.get_running_loop().create_future()
+            self._admits.append(admission)  # counted in the store with the next batch
+            self._schedule_flush()
             self.headroom.started(scopes)
             return
         if scopes:
@@ -216,18 +220,22 @@ class Budgets:
                 admission.headers = rate_limit_headers(decision)
                 self.headroom.started(scopes)
 
-    async def _admit_in_background(self, admission: Admission) -> bool:
-        """The store's count of a request admitted locally; False if the store did not count
-        it (refused: other routers spent the headroom meanwhile; or unreachable)."""
+    async def _count_admitted(self, batch: list[Admission]) -> None:
+        """The store's count of requests admitted ahead of it, in one call; each admission's
+        ``counted`` says whether the store counted it (refused: other routers spent the
+        headroom meanwhile; or the store is unreachable)."""
         try:
-            decision = await self._store_call(self.store.admit(admission.scopes, admission.lease_id, admission.reserved))
+            decisions = await self._store_call(self.store.admit_many(
+                [(a.scopes, a.lease_id, a.reserved) for a in batch]))
         except _StoreDown:
-            return False
-        self.headroom.saw(admission.scopes, decision)
-        if not decision.allowed:
-            logger.info("Key '%s' went over its %s on '%s' by one request admitted ahead of the store",
-                        admission.key, decision.limit, admission.model)
-        return decision.allowed
+            decisions = [None] * len(batch)
+        for admission, decision in zip(batch, decisions):
+            if decision is not None:
+                self.headroom.saw(admission.scopes, decision)
+                if not decision.allowed:
+                    logger.info("Key '%s' went over its %s on '%s' by a request admitted ahead of the store",
+                                admission.key, decision.limit, admission.model)
+            admission.counted.set_result(decision is not None and decision.allowed)
 
     def settle(self, admission: Admission, usage: Usage | None, status: int) -> None:
         """The request ended: record its usage now, and settle its reservation in the store
@@ -265,19 +273,34 @@ class Budgets:
         if counted is not None and (counted.cancelled() or counted.exception() is not None or not counted.result()):
             reserved = 0
         self._settles.append(Settlement(admission.scopes, admission.lease_id, reserved, used))
-        if len(self._settles) == 1:
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             asyncio.get_running_loop().call_later(SETTLE_BATCH_S, self._flush_settles)
 
     def _flush_settles(self) -> None:
+        """Send what waited for the batch: admits made ahead of the store, then settles."""
+        self._flush_scheduled = False
+        admits, self._admits = self._admits, []
+        if admits:
+            task = asyncio.ensure_future(self._count_admitted(admits))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         batch, self._settles = self._settles, []
         if batch:
             self._spawn(self.store.settle_many(batch))
 
     async def settled(self) -> None:
-        """Send the settles waiting for their batch now, and wait for every settle sent."""
-        self._flush_settles()
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks))
+        """Send what waits for its batch now, and wait until the store has all of it."""
+        for _ in range(100):
+            self._flush_settles()
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await asyncio.sleep(0)  # done-callbacks queue the settles of requests counted just now
+            if not (self._admits or self._settles or self._tasks):
+                return
 
     async def flush_usage(self) -> None:
         """Add this router's usage since the last flush to the store's history."""

@@ -40,6 +40,9 @@ class LimitsActor:
         for item in items:
             self._state.settle(item.scopes, item.lease_id, item.reserved, item.used, item.usage)
 
+    async def admit_many(self, items: list[tuple[list[Scope], str, int]]) -> list[Decision]:
+        return [self._state.admit(scopes, lease_id, tokens) for scopes, lease_id, tokens in items]
+
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         return self._state.usage(since, until)
 
@@ -84,6 +87,10 @@ class EmbeddedStore:
         """Many settles in one actor call."""
         if items:
             await self._call("settle_many", items)
+
+    async def admit_many(self, items: list[tuple[list[Scope], str, int]]) -> list[Decision]:
+        """Many admits in one actor call, decided in order."""
+        return await self._call("admit_many", items) if items else []
 
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         return await self._call("usage", since, until)

@@ -163,6 +163,21 @@ class RedisStore:
         return f"{self.prefix}c:{scope}"
 
     async def admit(self, scopes: list[Scope], lease_id: str, tokens: int) -> Decision:
+        keys, args = self._admit_call(scopes, lease_id, tokens)
+        return _decision(scopes, await self._admit(keys=keys, args=args))
+
+    async def admit_many(self, items: list[tuple[list[Scope], str, int]]) -> list[Decision]:
+        """Many admits in one round trip (a pipeline of the admit script), decided in order."""
+        if not items:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for scopes, lease_id, tokens in items:
+                keys, args = self._admit_call(scopes, lease_id, tokens)
+                await self._admit(keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        return [_decision(item[0], result) for item, result in zip(items, results)]
+
+    def _admit_call(self, scopes: list[Scope], lease_id: str, tokens: int) -> tuple[list[str], list]:
         keys: list[str] = []
         args: list[str | int | float] = [int(tokens), lease_id, LEASE_S, len(scopes),
                                          CONCURRENT_RETRY_S, ZERO_RATE_RETRY_S]
@@ -171,16 +186,7 @@ class RedisStore:
                      self._leases(scope.name)]
             args += [_opt(scope.requests_per_minute), _opt(scope.tokens_per_minute),
                      _opt(scope.max_concurrent_requests)]
-        (allowed, limit, index, retry, large,
-         limit_req, rem_req, reset_req, limit_tok, rem_tok, reset_tok) = await self._admit(keys=keys, args=args)
-        return Decision(
-            allowed=bool(allowed), limit=limit or None,
-            scope=scopes[int(index) - 1].name if index else None,
-            retry_after_s=float(retry), too_large=bool(large),
-            limit_requests=limit_req, remaining_requests=rem_req,
-            reset_requests_s=None if reset_req is None else float(reset_req),
-            limit_tokens=limit_tok, remaining_tokens=rem_tok,
-            reset_tokens_s=None if reset_tok is None else float(reset_tok))
+        return keys, args
 
     async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
                      usage: UsageRecord | None) -> None:
@@ -230,3 +236,16 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _decision(scopes: list[Scope], result: list) -> Decision:
+    """The admit script's answer as a Decision."""
+    (allowed, limit, index, retry, large, limit_req, rem_req, reset_req, limit_tok, rem_tok, reset_tok) = result
+    return Decision(
+        allowed=bool(allowed), limit=limit or None,
+        scope=scopes[int(index) - 1].name if index else None,
+        retry_after_s=float(retry), too_large=bool(large),
+        limit_requests=limit_req, remaining_requests=rem_req,
+        reset_requests_s=None if reset_req is None else float(reset_req),
+        limit_tokens=limit_tok, remaining_tokens=rem_tok,
+        reset_tokens_s=None if reset_tok is None else float(reset_tok))

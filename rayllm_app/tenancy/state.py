@@ -257,6 +257,9 @@ class MemoryStore:
         for item in items:
             self.state.settle(item.scopes, item.lease_id, item.reserved, item.used, item.usage)
 
+    async def admit_many(self, items: list[tuple[list[Scope], str, int]]) -> list[Decision]:
+        return [self.state.admit(scopes, lease_id, tokens) for scopes, lease_id, tokens in items]
+
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         return self.state.usage(since, until)
 

@@ -26,6 +26,9 @@ class LimitStore(Protocol):
     async def settle_many(self, items: list[Settlement]) -> None:
         """Several settles in one call (one round trip)."""
 
+    async def admit_many(self, items: list[tuple[list[Scope], str, int]]) -> list[Decision]:
+        """Several admits in one call, decided in order (``admit``'s answer for each)."""
+
     async def usage(self, since: float, until: float) -> list[UsageRow]:
         """Usage summed over [since, until] (unix seconds, minute granularity), sorted by (key, model)."""
 

@@ -147,6 +147,23 @@ def test_settle_many_is_every_settle_at_once(run):
     run(body)
 
 
+def test_admit_many_decides_in_order(run):
+    scope = [Scope("team-a", requests_per_minute=60)]
+    other = [Scope("team-b", requests_per_minute=60, max_concurrent_requests=1)]
+
+    async def body(store, advance, now):
+        for i in range(58):
+            assert (await store.admit(scope, f"a{i}", 0)).allowed
+        decisions = await store.admit_many([(scope, "x", 0), (other, "y", 0), (scope, "z", 0), (scope, "w", 0),
+                                            (other, "v", 0)])
+        assert [d.allowed for d in decisions] == [True, True, True, False, False]
+        assert decisions[2].remaining_requests == 0 and decisions[3].limit == REQUESTS
+        assert decisions[4].limit == CONCURRENT          # y holds team-b's one slot
+        assert await store.admit_many([]) == []
+
+    run(body)
+
+
 def test_concurrency_cap_and_release_on_settle(run):
     scope = [Scope("team-a", max_concurrent_requests=2)]
 
