@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"
 USAGE_FLUSH_S = 5.0
 USAGE_FLUSH_TIMEOUT_S = 10.0
-SETTLE_BATCH_S = 0.01  # admits made ahead of the store and settles go out in batches this often
+SETTLE_BATCH_S = 0.05  # admits made ahead of the store and settles go out in batches this often
 WARN_EVERY_S = 30.0
 BYTES_PER_PROMPT_TOKEN = 4  # the body's JSON is larger than its tokens: an upper-leaning guess
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -143,6 +143,7 @@ class Budgets:
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._settles: list[Settlement] = []
         self._admits: list[Admission] = []   # admitted ahead of the store, not yet sent
+        self._scopes: dict[tuple[str, str], list[Scope]] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
@@ -176,7 +177,7 @@ class Budgets:
             record_rate_limited(name, model, "priority")
             raise OverloadedError(f"Model '{model}' is at capacity; low-priority requests are refused "
                                   "first. Retry shortly.", retry_after_s=2)
-        scopes = scopes_of(key, model) if key is not None else []
+        scopes = self._scopes_of(key, model) if key is not None else []
         admission = Admission(name, model, scopes, requested_tokens(raw, data, path, default_max_tokens))
         if low and low_slots is not None:
             try:
@@ -193,6 +194,13 @@ class Budgets:
             raise
         self.inflight[model] += 1
         return admission
+
+    def _scopes_of(self, key: ApiKey, model: str) -> list[Scope]:
+        """scopes_of, built once per key and model (keys do not change while a router runs)."""
+        scopes = self._scopes.get((key.name, model))
+        if scopes is None:
+            scopes = self._scopes[(key.name, model)] = scopes_of(key, model)
+        return scopes
 
     async def _check_budgets(self, admission: Admission, key: ApiKey | None, scopes: list[Scope]) -> None:
         name, model = admission.key, admission.model
