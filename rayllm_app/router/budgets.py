@@ -280,7 +280,13 @@ class Budgets:
         reserved = admission.reserved
         if counted is not None and (counted.cancelled() or counted.exception() is not None or not counted.result()):
             reserved = 0
-        self._settles.append(Settlement(admission.scopes, admission.lease_id, reserved, used))
+        settlement = Settlement(admission.scopes, admission.lease_id, reserved, used)
+        if self.headroom.near_concurrency_limit(admission.scopes):
+            # Near a concurrency limit a slot frees at once: a client that sends its next
+            # request as soon as this one ended must find it free, not wait for the batch.
+            self._spawn(self.store.settle_many([settlement]))
+            return
+        self._settles.append(settlement)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:

@@ -64,12 +64,17 @@ class Headroom:
             tokens_left = view.remaining_tokens - view.spent_tokens - tokens
             if tokens_left < margin * max(tokens, 1):
                 return None
-        if scope.max_concurrent_requests is not None and \
-                (self._inflight.get(scope.name, 0) + 1) * 2 * self.routers > scope.max_concurrent_requests:
+        if self.near_concurrency_limit(scopes):
             return None
         view.spent_requests += 1
         view.spent_tokens += tokens
         return _headers(scope, requests_left, tokens_left)
+
+    def near_concurrency_limit(self, scopes: list[Scope]) -> bool:
+        """Would one more request of this router take a scope past half its concurrency share?"""
+        return any(scope.max_concurrent_requests is not None and
+                   (self._inflight.get(scope.name, 0) + 1) * 2 * self.routers > scope.max_concurrent_requests
+                   for scope in scopes)
 
     def saw(self, scopes: list[Scope], decision: Decision) -> None:
         """The store's answer for these scopes: what is left now."""

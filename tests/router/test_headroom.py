@@ -61,3 +61,18 @@ def test_budgets_count_locally_admitted_requests_in_the_store():
         await budgets.close()
 
     asyncio.run(main())
+
+
+def test_a_concurrency_slot_frees_without_waiting_for_the_batch():
+    async def main() -> None:
+        budgets, _ = make_budgets()
+        team = key(max_concurrent_requests=2)
+        first, second = await admit(budgets, team), await admit(budgets, team)
+        budgets.settle(first, Usage(1, 1), 200)
+        await asyncio.sleep(0.005)                     # far less than a batch (50 ms)
+        third = await admit(budgets, team)             # the slot is free already
+        for admission in (second, third):
+            budgets.settle(admission, Usage(1, 1), 200)
+        await budgets.close()
+
+    asyncio.run(main())
