@@ -334,6 +334,13 @@ def test_embedded_store_shares_one_ray_actor():
         await second.settle(scope, "a", 0, 0, UsageRecord("team-a", "m", prompt_tokens=4))
         assert await first.usage(time.time() - 60, time.time() + 60) == [UsageRow("team-a", "m", 1, 4, 0, 0)]
         ray.kill(ray.get_actor(name, namespace="rayllm"), no_restart=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # ray.kill is asynchronous: wait until the actor is gone
+            try:
+                ray.get_actor(name, namespace="rayllm")
+            except ValueError:
+                break
+            await asyncio.sleep(0.05)
         with pytest.raises(ray.exceptions.RayActorError):
             await first.admit(scope, "c", 0)
         assert (await first.admit(scope, "c", 0)).allowed   # a new actor: fresh buckets
@@ -346,4 +353,7 @@ def test_embedded_store_shares_one_ray_actor():
         if started:
             ray.shutdown()
         else:
-            ray.kill(ray.get_actor(name, namespace="rayllm"))
+            try:
+                ray.kill(ray.get_actor(name, namespace="rayllm"))
+            except ValueError:  # gone already
+                pass
