@@ -41,10 +41,6 @@ def publish_state(deployment: str, replica: str, state: str) -> None:
                         json.dumps({"state": state, "at": time.time()}).encode(), overwrite=True, namespace=NAMESPACE)
 
 
-def forget_replica(deployment: str, replica: str) -> None:
-    _kv()._internal_kv_del(_state_prefix(deployment) + replica.encode(), namespace=NAMESPACE)
-
-
 def read_states(deployment: str) -> dict[str, str]:
     """Replica id -> state, for the replicas that reported within STALE_S (blocking: GCS calls)."""
     kv = _kv()

@@ -30,7 +30,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayllm_app.config.key_config import PRIORITY_VALUES
 from rayllm_app.config.router_settings import RouterSettings
 from rayllm_app.errors import OpenAIError, OverloadedError
 from rayllm_app.observability.metrics import record_key_usage, record_rate_limited
@@ -187,7 +186,7 @@ class Budgets:
                 raise
             admission.gated = True
         try:
-            await self._check_budgets(admission, key, scopes)
+            await self._check_budgets(admission, scopes)
         except BaseException:
             if admission.gated:
                 self.gate.leave(model)
@@ -202,7 +201,7 @@ class Budgets:
             scopes = self._scopes[(key.name, model)] = scopes_of(key, model)
         return scopes
 
-    async def _check_budgets(self, admission: Admission, key: ApiKey | None, scopes: list[Scope]) -> None:
+    async def _check_budgets(self, admission: Admission, scopes: list[Scope]) -> None:
         name, model = admission.key, admission.model
         if scopes and (local := self.headroom.admit_locally(scopes, admission.reserved)) is not None:
             admission.headers = local  # far from every limit: the store learns of it in the background

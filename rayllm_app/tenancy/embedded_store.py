@@ -6,7 +6,7 @@ attach). It is detached so it outlives the replica that happened to create it, a
 CPU so it never blocks a model's placement.
 
 The actor is an async actor whose methods never await: each runs start to finish on the
-actor's one event loop, so ``MemoryLimitState`` is touched by one call at a time without
+actor's one event loop, so ``MemoryStore``'s state is touched by one call at a time without
 locks, while ``max_concurrency`` lets many routers' calls queue without a thread each.
 ``max_restarts=-1``: if its node dies the actor comes back elsewhere with empty buckets
 (a budget briefly forgiven beats every request failing).
@@ -16,38 +16,13 @@ from __future__ import annotations
 
 import ray
 
-from rayllm_app.tenancy.state import Decision, MemoryLimitState, Scope, Settlement, UsageRecord, UsageRow
+from rayllm_app.tenancy.state import Decision, MemoryStore, Scope, Settlement, UsageRecord, UsageRow
 
 ACTOR_NAME = "rayllm-limits"
 ACTOR_NAMESPACE = "rayllm"
 
 
-@ray.remote
-class LimitsActor:
-    """``MemoryLimitState`` behind a Ray actor; async methods so that all run on one loop."""
-
-    def __init__(self) -> None:
-        self._state = MemoryLimitState()
-
-    async def admit(self, scopes: list[Scope], lease_id: str, tokens: int) -> Decision:
-        return self._state.admit(scopes, lease_id, tokens)
-
-    async def settle(self, scopes: list[Scope], lease_id: str, reserved: int, used: int,
-                     usage: UsageRecord | None) -> None:
-        self._state.settle(scopes, lease_id, reserved, used, usage)
-
-    async def settle_many(self, items: list[Settlement]) -> None:
-        for item in items:
-            self._state.settle(item.scopes, item.lease_id, item.reserved, item.used, item.usage)
-
-    async def admit_many(self, items: list[tuple[list[Scope], str, int]]) -> list[Decision]:
-        return [self._state.admit(scopes, lease_id, tokens) for scopes, lease_id, tokens in items]
-
-    async def usage(self, since: float, until: float) -> list[UsageRow]:
-        return self._state.usage(since, until)
-
-    async def ping(self) -> bool:
-        return True
+LimitsActor = ray.remote(MemoryStore)  # async methods that never await: see above
 
 
 class EmbeddedStore:

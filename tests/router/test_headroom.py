@@ -8,7 +8,7 @@ import asyncio
 from rayllm_app.replica.http_forward import Usage
 from rayllm_app.router.headroom import FAST_MARGIN, Headroom
 from rayllm_app.tenancy.state import Decision, Scope
-from tests.router.test_budgets import CHAT, MODEL, admit, key, make_budgets, metrics  # noqa: F401
+from tests.router.test_budgets import admit, key, make_budgets, metrics  # noqa: F401 (autouse fixture)
 
 
 def test_local_admission_needs_a_fresh_view_and_headroom():
