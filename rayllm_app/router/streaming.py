@@ -2,6 +2,11 @@
 (over the stream channel, or over Ray when the replica's channel cannot be reached), then
 relay its bytes to the client. A failure mid-stream becomes an SSE error event, and the
 stream's end reports its usage (the replica's count) to whoever settles the request.
+
+A client may leave as soon as it reads the answer's last event (the OpenAI SDK closes the
+connection at ``data: [DONE]``), before the replica's count arrives behind it. Then the relay
+waits for the count in the background instead of cancelling the call, so the request is
+charged what it used, not what it reserved.
 """
 
 from __future__ import annotations
@@ -17,6 +22,18 @@ from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Sub
 from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, translate_serve_error, watch_call
 
 OnEnd = Callable[[Usage | None, int], None]
+
+# The last event of each streamed API vLLM serves (OpenAI chat/completions, Anthropic
+# Messages, Responses): after one of them the answer is whole.
+_LAST_EVENTS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed",
+                b"event: response.incomplete", b"event: response.failed")
+END_GRACE_S = 5.0  # how long a whole answer's usage may take to follow it
+
+
+def answer_finished(chunk: bytes) -> bool:
+    """Whether these bytes, the last relayed, end with the answer's last event."""
+    tail = chunk[-400:]
+    return any(marker in tail for marker in _LAST_EVENTS)
 
 
 @dataclass
@@ -37,6 +54,7 @@ class Streams:
                  through_cold_start: Callable[[str, Awaitable[Any]], Awaitable[Any]]) -> None:
         self.channels = channels
         self._through_cold_start = through_cold_start
+        self._late: set[asyncio.Task] = set()  # usage awaited after the client left
 
     async def start(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
                     timeout: float | None, deadline: float | None) -> StartedStream:
@@ -99,12 +117,14 @@ class Streams:
         sub = started.sub
         timer = None
         status = 499  # until the stream ends or fails: the client went away
+        last = first
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
         try:
             yield first
             while (chunk := await sub.get()) is not None:
                 if isinstance(chunk, bytes):
+                    last = chunk
                     yield chunk
             status = 200
         except OpenAIError as error:
@@ -117,8 +137,11 @@ class Streams:
         finally:
             if timer is not None:
                 timer.cancel()
-            started.close()
-            on_end(sub.usage if status == 200 else None, status)
+            if status == 499 and not sub.ended and answer_finished(last):
+                self._later(self._end_on_channel(started, on_end))
+            else:
+                started.close()
+                on_end(sub.usage if status == 200 else None, status)
 
     async def _relay_ray(self, first: bytes, stream: Any, model: str, deadline: float | None,
                          timeout: float | None, on_end: OnEnd) -> AsyncIterator[bytes]:
@@ -126,6 +149,7 @@ class Streams:
         loop = asyncio.get_running_loop()
         usage = None
         status = 499
+        last = first
         try:
             yield first
             while True:
@@ -137,6 +161,7 @@ class Streams:
                 if isinstance(chunk, Usage):
                     usage = chunk
                 else:
+                    last = chunk
                     yield chunk
             status = 200
         except asyncio.TimeoutError:
@@ -147,5 +172,42 @@ class Streams:
             status = failure.status_code
             yield sse_error(failure)
         finally:
+            if status == 499 and usage is None and answer_finished(last):
+                self._later(self._end_over_ray(stream, on_end))
+            else:
+                stream.cancel()
+                on_end(usage, status)
+
+    def _later(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    @staticmethod
+    async def _end_on_channel(started: StartedStream, on_end: OnEnd) -> None:
+        """The client has the whole answer: wait for the END frame's usage behind it."""
+        sub = started.sub
+        try:
+            async with asyncio.timeout(END_GRACE_S):
+                while await sub.get() is not None:
+                    pass
+        except Exception:  # noqa: BLE001 - no usage: the reservation is charged
+            pass
+        finally:
+            started.close()
+            on_end(sub.usage, 200 if sub.usage is not None else 499)
+
+    @staticmethod
+    async def _end_over_ray(stream: Any, on_end: OnEnd) -> None:
+        """The client has the whole answer: wait for the call's last item, its usage."""
+        usage = None
+        try:
+            async with asyncio.timeout(END_GRACE_S):
+                async for item in stream:
+                    if isinstance(item, Usage):
+                        usage = item
+        except Exception:  # noqa: BLE001 - no usage: the reservation is charged
+            pass
+        finally:
             stream.cancel()
-            on_end(usage, status)
+            on_end(usage, 200 if usage is not None else 499)

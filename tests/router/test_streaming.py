@@ -1,0 +1,120 @@
+"""The router's stream relay settles a request with the replica's token count even when the
+client leaves right after the answer's last event (as the OpenAI SDK does at ``[DONE]``),
+and charges the reservation (usage None, 499) when it leaves mid-answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rayllm_app.replica.http_forward import Reply, Usage
+from rayllm_app.replica.stream_channel import RouterChannels
+from rayllm_app.router import streaming
+from rayllm_app.router.streaming import StartedStream, Streams, answer_finished
+
+
+class FakeCall:
+    """A Ray Serve streaming call: its items, then the end; records cancel()."""
+
+    def __init__(self, items: list, delay_last: float = 0.0) -> None:
+        self.items = list(items)
+        self.delay_last = delay_last
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.cancelled or not self.items:
+            raise StopAsyncIteration
+        if len(self.items) == 1 and self.delay_last:
+            await asyncio.sleep(self.delay_last)
+        return self.items.pop(0)
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 20))
+
+
+async def read_then_leave(relay, chunks_wanted: int) -> list[bytes]:
+    """Read some chunks, then close the relay as Starlette does when the client goes away."""
+    got = []
+    async for chunk in relay:
+        got.append(chunk)
+        if len(got) == chunks_wanted:
+            break
+    await relay.aclose()
+    return got
+
+
+def test_answer_finished_knows_each_apis_last_event():
+    assert answer_finished(b'data: {"x": 1}\n\ndata: [DONE]\n\n')
+    assert answer_finished(b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
+    assert answer_finished(b'event: response.completed\ndata: {}\n\n')
+    assert not answer_finished(b'data: {"choices": [{"delta": {"content": "[DONE"}}]}\n\n')
+    assert not answer_finished(b'event: content_block_delta\ndata: {}\n\n')
+
+
+@pytest.mark.parametrize("leave_after_last", [True, False])
+def test_channel_relay_waits_for_the_usage_only_after_a_whole_answer(leave_after_last: bool):
+    async def main():
+        channels = RouterChannels()
+        sub = channels.open()
+        call = FakeCall([])
+        started = StartedStream(call, Reply(200, b"data: {}\n\n", {}), sub, channels)
+        ended: list = []
+        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub.push(b'data: {"a": 1}\n\n')
+        sub.push(b"data: [DONE]\n\n" if leave_after_last else b'data: {"b": 2}\n\n')
+        await read_then_leave(relay, 2)
+        await asyncio.sleep(0.05)
+        if not leave_after_last:
+            assert ended == [(None, 499)] and call.cancelled  # mid-answer: abort, charge the reservation
+            return
+        assert ended == [] and not call.cancelled  # the usage is still on its way
+        sub.end(Usage(7, 3))
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [(Usage(7, 3), 200)] and call.cancelled
+
+    run(main())
+
+
+def test_channel_relay_gives_up_on_a_usage_that_never_comes(monkeypatch):
+    monkeypatch.setattr(streaming, "END_GRACE_S", 0.2)
+
+    async def main():
+        channels = RouterChannels()
+        sub = channels.open()
+        started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
+        ended: list = []
+        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub.push(b"data: [DONE]\n\n")
+        await read_then_leave(relay, 2)
+        await asyncio.sleep(0.5)
+        assert ended == [(None, 499)]
+
+    run(main())
+
+
+def test_ray_relay_reads_the_last_item_after_the_client_left():
+    async def main():
+        call = FakeCall([b'data: {"a": 1}\n\n', b"data: [DONE]\n\n", Usage(5, 2)], delay_last=0.1)
+        started = StartedStream(call, Reply(200, b"data: {}\n\n", {}), None, None)
+        ended: list = []
+        relay = Streams(None, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        await read_then_leave(relay, 3)
+        assert ended == []
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [(Usage(5, 2), 200)] and call.cancelled
+
+    run(main())
