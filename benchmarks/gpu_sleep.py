@@ -129,8 +129,11 @@ def stop(server: subprocess.Popen, report: dict, work: Path) -> str:
         os.killpg(server.pid, signal.SIGKILL)
         report["stop_s"] = None  # did not exit within 60 s
     served_log = (work / "serve.log").read_text()
-    # The replica's start timeline (process start, imports, weights, engine): where a start goes.
-    report["replica_timings"] = [line[line.index("ready: ") + 7:] for line in served_log.splitlines()
+    # The replica's start timeline (process start, imports, weights, engine): where a start
+    # goes. Serve's fast path logs replicas to files only.
+    replica_logs = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs" / "serve"
+    report["replica_timings"] = [line[line.index("ready: ") + 7:] for path in sorted(replica_logs.glob("replica_*.log"))
+                                 for line in path.read_text(errors="replace").splitlines()
                                  if "Replica of" in line and "ready: " in line]
     return served_log
 
@@ -143,7 +146,10 @@ def with_sleep(config: dict, args: argparse.Namespace, model_id: str | None = No
         config["engine_config"]["model_id"] = model_id
     if gpu_share is not None:
         config["scaling_config"]["num_gpus_per_worker"] = gpu_share
-        config["engine_config"].setdefault("engine_kwargs", {})["gpu_memory_utilization"] = args.pair_memory
+        engine_kwargs = config["engine_config"].setdefault("engine_kwargs", {})
+        engine_kwargs["gpu_memory_utilization"] = args.pair_memory
+        # A fixed KV cache: two engines profiling the GPU's free memory at once misjudge it.
+        engine_kwargs["kv_cache_memory_bytes"] = int(args.pair_kv_gib * 2**30)
     return config
 
 
@@ -200,6 +206,7 @@ def run_pair(config: dict, args: argparse.Namespace, work: Path, report: dict) -
     server = launch(files, args.port, work)
     try:
         report["startup_s"] = round(max(wait_status(root, m, "ready", args.startup_timeout) for m in models), 1)
+        print(json.dumps({"ready_s": report["startup_s"]}), flush=True)
         report["gpu_both_awake_mib"] = gpu_memory_mib(args.gpu)
         for switch in range(2 * args.cycles):
             model, other = models[switch % 2], models[1 - switch % 2]
@@ -237,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--pair", action="store_true", help="two copies of the model on the one GPU, alternating")
     p.add_argument("--pair-memory", type=float, default=0.42, help="gpu_memory_utilization of each copy")
+    p.add_argument("--pair-kv-gib", type=float, default=16.0, help="KV cache of each copy (GiB)")
     p.add_argument("--out", type=Path, default=None, help="results stem (without suffix)")
     args = p.parse_args(argv)
 

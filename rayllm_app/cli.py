@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -109,11 +110,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    print("Shutting down...", flush=True)
+    print("Shutting down (requests in flight finish first)...", flush=True)
+    stopping = time.monotonic()
     serve.delete(args.name)
     if not args.address:
         serve.shutdown()
         ray.shutdown()
+    print(f"Stopped in {time.monotonic() - stopping:.1f} s.", flush=True)
     return 0
 
 
@@ -160,6 +163,10 @@ def _enable_fast_path(host: str, port: int) -> int:
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 100)
     os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", host)
+    # A direct-ingress replica stays up at least 30 s when stopped, so that an external load
+    # balancer can deregister it; `rayllm run` has none in front, and Ctrl-C took ~35 s.
+    # The drain still waits for requests in flight.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     # Not port 0: Ray binds the proxy's port only later, and its own servers take ports from
     # the kernel's ephemeral range meanwhile (see rayllm_app.ports).
     return free_port(host)

@@ -432,10 +432,47 @@ class ModelConfig(StrictModel):
 
 @functools.lru_cache(maxsize=1)
 def vllm_engine_arg_names() -> frozenset[str] | None:
-    """Names vLLM's AsyncEngineArgs accepts, or None when vLLM is not installed here."""
+    """Names vLLM's AsyncEngineArgs accepts, or None when vLLM is not installed here.
+
+    Read from vLLM's source, not by importing it: ``import vllm.engine.arg_utils`` pulls in
+    torch and vLLM's config (4 s on a warm CPU host, ~20 s on a cold GPU host), and ``rayllm
+    run`` checks every model file before Ray even starts. The import is the fallback when
+    the source does not parse into fields (a vLLM that moved its arguments).
+    """
+    names = _engine_arg_names_from_source()
+    if names:
+        return names
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
     except ImportError:
         logger.debug("vLLM not importable; engine_kwargs are checked when the engine starts")
         return None
     return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+def _engine_arg_names_from_source() -> frozenset[str] | None:
+    """The annotated fields of the dataclasses EngineArgs and AsyncEngineArgs in vLLM's
+    ``engine/arg_utils.py``, found without importing vLLM."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
+    try:
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in ("EngineArgs", "AsyncEngineArgs"):
+            for item in node.body:
+                if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                        and "ClassVar" not in ast.unparse(item.annotation)):
+                    names.add(item.target.id)
+    return frozenset(names) if {"model", "dtype", "tensor_parallel_size"} <= names else None
