@@ -137,7 +137,7 @@ class Streams:
         finally:
             if timer is not None:
                 timer.cancel()
-            if status == 499 and not sub.ended and answer_finished(last):
+            if status == 499 and answer_finished(last):  # its END frame may be here already, or on the way
                 self._later(self._end_on_channel(started, on_end))
             else:
                 started.close()
@@ -172,7 +172,7 @@ class Streams:
             status = failure.status_code
             yield sse_error(failure)
         finally:
-            if status == 499 and usage is None and answer_finished(last):
+            if status == 499 and answer_finished(last):
                 self._later(self._end_over_ray(stream, on_end))
             else:
                 stream.cancel()

@@ -86,6 +86,25 @@ def test_channel_relay_waits_for_the_usage_only_after_a_whole_answer(leave_after
     run(main())
 
 
+def test_channel_relay_keeps_a_usage_that_came_before_the_client_left():
+    async def main():
+        channels = RouterChannels()
+        sub = channels.open()
+        started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
+        ended: list = []
+        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub.push(b"data: [DONE]\n\n")
+        sub.end(Usage(4, 1))  # already received, not yet read by the relay
+        await read_then_leave(relay, 2)
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [(Usage(4, 1), 200)]
+
+    run(main())
+
+
 def test_channel_relay_gives_up_on_a_usage_that_never_comes(monkeypatch):
     monkeypatch.setattr(streaming, "END_GRACE_S", 0.2)
 
