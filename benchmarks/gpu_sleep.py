@@ -18,12 +18,13 @@ It serves the model with ``rayllm run`` and ``idle_sleep: {after_s, level}``, th
 ``--pair-memory`` of its memory each) and alternates requests between them, each after the
 other has fallen asleep: several models on one GPU, and what a switch costs.
 
-Results: JSON and Markdown in ``--out`` (default ``benchmarks/results/<date>-gpu-sleep.*``).
+Results: JSON and the server's log in ``--out`` (default ``benchmarks/results/<date>-gpu-sleep[-pair].*``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -140,7 +141,7 @@ def stop(server: subprocess.Popen, report: dict, work: Path) -> str:
 
 def with_sleep(config: dict, args: argparse.Namespace, model_id: str | None = None,
                gpu_share: float | None = None) -> dict:
-    config = json.loads(json.dumps(config))
+    config = copy.deepcopy(config)
     config.setdefault("deployment_config", {})["idle_sleep"] = {"after_s": args.after_s, "level": args.level}
     if model_id is not None:
         config["engine_config"]["model_id"] = model_id
