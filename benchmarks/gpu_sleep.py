@@ -10,7 +10,7 @@ It serves the model with ``rayllm run`` and ``idle_sleep: {after_s, level}``, th
 1. **throughput before**: ``rayllm bench`` at ``--concurrency`` (streamed, ``ignore_eos``);
 2. **cycles**: wait until ``/health`` shows the model ``sleeping``, read the GPU's used memory,
    send one streamed request and time its first token (the wake plus a prefill), and read
-   the replica's own ``rayllm_wake_seconds`` from ``/metrics``;
+   the replica's own wake time (``rayllm_wake_seconds_total`` / ``rayllm_wakes_total``) from ``/metrics``;
 3. **throughput after**: the same bench again;
 4. **stop**: SIGINT to ``rayllm run``, timed to its exit.
 
@@ -83,14 +83,16 @@ def first_token_s(root: str, model: str) -> float:
 
 
 def wake_seconds(root: str) -> tuple[float, float]:
-    """The replicas' rayllm_wake_seconds (sum, count) from /metrics."""
+    """The replicas' exact wake seconds and wakes, summed: (rayllm_wake_seconds_total,
+    rayllm_wakes_total) from /metrics. Not the histogram's _sum: Ray's exporter estimates that
+    from bucket midpoints."""
     with urllib.request.urlopen(f"{root}/metrics", timeout=30) as response:
         text = response.read().decode()
     total = count = 0.0
     for line in text.splitlines():
-        match = re.match(r"rayllm_wake_seconds_(sum|count)\{[^}]*\} ([0-9.e+-]+)", line)
+        match = re.match(r"rayllm_(wake_seconds|wakes)_total\{[^}]*\} ([0-9.e+-]+)", line)
         if match:
-            if match.group(1) == "sum":
+            if match.group(1) == "wake_seconds":
                 total += float(match.group(2))
             else:
                 count += float(match.group(2))

@@ -152,6 +152,7 @@ class IdleSleep:
             self.last_active = self._clock()
             self._count("rayllm_wakes_total", 1)
             self._count("rayllm_asleep_seconds_total", asleep)
+            self._count("rayllm_wake_seconds_total", took)
             self._observe("rayllm_wake_seconds", took)
             logger.info("Model %s awake (%s) in %.2f s after %.0f s asleep", self.model, reason, took, asleep)
 

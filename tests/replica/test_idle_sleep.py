@@ -74,6 +74,7 @@ def test_sleeps_when_idle_and_one_wake_serves_every_waiting_request():
         assert states[:4] == ["falling_asleep", "sleeping", "waking", "awake"]
         assert metrics.values["rayllm_sleeps_total"] == [1] and metrics.values["rayllm_wakes_total"] == [1]
         assert 0.04 <= metrics.values["rayllm_wake_seconds"][0] < 1.0
+        assert metrics.values["rayllm_wake_seconds_total"] == metrics.values["rayllm_wake_seconds"]
         assert metrics.values["rayllm_asleep_seconds_total"][0] > 0
         sleeper.stop()
 
