@@ -168,8 +168,12 @@ def engine_cli_flags(kwargs: dict) -> list[str]:
     return flags
 
 
-def rayllm_app_yaml(model_id: str, folder: Path, engine_kwargs: dict) -> dict:
-    """The rayllm-app model YAML for the benchmark (max_model_len -> max_total_tokens)."""
+def rayllm_app_yaml(model_id: str, folder: Path, engine_kwargs: dict, *, num_workers: int = 1,
+                    gpus_per_worker: float = 0, max_ongoing_requests: int = 256) -> dict:
+    """The rayllm-app model YAML for the benchmark (max_model_len -> max_total_tokens).
+
+    The defaults are the CPU comparison's; benchmarks/gpu_compare.py passes a worker per
+    tensor-parallel rank, GPUs per worker and a cap above its highest concurrency."""
     kwargs = dict(engine_kwargs)
     max_len = kwargs.pop("max_model_len", None)
     engine = {"model_id": model_id, "hf_model_id": str(folder), "engine_kwargs": kwargs}
@@ -179,11 +183,12 @@ def rayllm_app_yaml(model_id: str, folder: Path, engine_kwargs: dict) -> dict:
         "enabled": True,
         "deployment_config": {
             "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
-            "max_ongoing_requests": 256,  # never the bottleneck at --concurrency <= 256
+            "max_ongoing_requests": max_ongoing_requests,  # 256: never the bottleneck at --concurrency <= 256
             "ray_actor_options": {"num_cpus": 1},
         },
         "engine_config": engine,
-        "scaling_config": {"num_workers": 1, "num_gpus_per_worker": 0, "num_cpus_per_worker": 1},
+        "scaling_config": {"num_workers": num_workers, "num_gpus_per_worker": gpus_per_worker,
+                           "num_cpus_per_worker": 1},
     }
 
 
