@@ -172,7 +172,7 @@ def rayllm_app_yaml(model_id: str, folder: Path, engine_kwargs: dict, *, num_wor
                     gpus_per_worker: float = 0, max_ongoing_requests: int = 256) -> dict:
     """The rayllm-app model YAML for the benchmark (max_model_len -> max_total_tokens).
 
-    The defaults are the CPU comparison's; benchmarks/gpu_compare.py passes a worker per
+    The defaults are the CPU comparison's; benchmarks/gpu_stacks.py passes a worker per
     tensor-parallel rank, GPUs per worker and a cap above its highest concurrency."""
     kwargs = dict(engine_kwargs)
     max_len = kwargs.pop("max_model_len", None)

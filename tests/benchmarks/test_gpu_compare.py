@@ -1,5 +1,6 @@
-"""benchmarks/gpu_compare.py: its pure parts (plan, engine arguments, merging samples, the
-report) without engines, and one CPU smoke run of the whole script (e2e)."""
+"""benchmarks/gpu_compare.py and its parts (gpu_stacks, gpu_load, gpu_results, gpu_report): the
+pure parts (plan, engine arguments, merging samples, the report) without engines, and one CPU
+smoke run of the whole script (e2e)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_compare as gc
+from benchmarks import gpu_load as load
+from benchmarks import gpu_results
+from benchmarks import gpu_stacks as stacks
 from benchmarks.compare_stacks import ENGINE_KWARGS
 from rayllm_app.bench import BenchConfig
 from rayllm_app.bench.report import RequestRecord
@@ -38,7 +42,7 @@ def test_api2_runs_only_its_levels_and_resume_skips_what_is_done():
     assert [(s.round_no, s.stack, s.levels) for s in slots] == [
         (1, "bare", (256,)), (2, "rayllm-app", (1, 256)), (2, "bare-api2", (256,)), (2, "bare", (1, 256))]
     rows = [{"kind": "measure", "stack": "bare", "level": 1, "round": 1}, {"kind": "log", "msg": "x"}]
-    assert gc.done_keys(rows) == {("bare", 1, 1)}
+    assert gpu_results.done_keys(rows) == {("bare", 1, 1)}
 
 
 def test_smoke_defaults_yield_to_explicit_flags():
@@ -51,15 +55,15 @@ def test_smoke_defaults_yield_to_explicit_flags():
 
 
 def test_client_split_and_prompt_ids():
-    assert gc.shares(256, 8) == [32] * 8
-    assert gc.shares(10, 4) == [3, 3, 2, 2]
-    assert gc.shares(1, 8) == [1]
-    assert gc.token_range(49152) == (1000, 48152)
-    assert gc.token_range(512) == (64, 448)
+    assert load.shares(256, 8) == [32] * 8
+    assert load.shares(10, 4) == [3, 3, 2, 2]
+    assert load.shares(1, 8) == [1]
+    assert load.token_range(49152) == (1000, 48152)
+    assert load.token_range(512) == (64, 448)
     cfg = BenchConfig(model="m", input_len=128, output_len=256, temperature=0.0, ignore_eos=True)
     import random
 
-    body = gc.request_body(cfg, random.Random(0), 512)
+    body = load.request_body(cfg, random.Random(0), 512)
     assert len(body["prompt"]) == 128 and all(64 <= t < 448 for t in body["prompt"])
     assert body["max_tokens"] == 256 and body["ignore_eos"] and body["temperature"] == 0.0 and body["stream"]
     assert body["stream_options"]["include_usage"]
@@ -78,7 +82,7 @@ def test_merging_client_processes_gives_percentiles_and_throughput():
     cfg = BenchConfig(model="m", concurrency=3, output_len=4, label="bare c=3 r1")
     one = ([_record(0.0, 0.1, 0.01, 4), _record(0.2, 0.3, 0.01, 4)], 0, 0.5)
     two = ([_record(0.0, 0.2, 0.02, 4), _record(0.1, 0.0, 0.0, 0, ok=False)], 0, 1.0)
-    result, busy = gc.merge([one, two], cfg, elapsed=2.0, started_at="now")
+    result, busy = load.merge([one, two], cfg, elapsed=2.0, started_at="now")
     # the last completion ends at 0.2 + 0.33 = 0.53 s; 12 tokens from 3 good requests
     assert result.duration_s == pytest.approx(0.53)
     assert result.output_throughput == pytest.approx(12 / 0.53)
@@ -86,12 +90,12 @@ def test_merging_client_processes_gives_percentiles_and_throughput():
     assert result.ttft_ms.p50 == pytest.approx(200.0) and result.ttft_ms.p99 == pytest.approx(298.0)
     assert result.itl_ms.p50 == pytest.approx(10.0) and result.itl_ms.p90 == pytest.approx(20.0)
     assert busy == pytest.approx(0.5)
-    row = gc.measurement(result, stack="bare", level=3, round_no=1, procs=2, client_busy=busy, warmup_failed=0)
+    row = load.measurement(result, stack="bare", level=3, round_no=1, procs=2, client_busy=busy, warmup_failed=0)
     assert row["out_tok_s"] == pytest.approx(22.6, abs=0.1) and row["errors"] == 1
     assert row["err_sample"] == ["HTTP 500: boom"] and set(row["ttft_ms"]) == {"p50", "p90", "p99"}
     assert row["e2e_ms"]["p50"] == pytest.approx(260.0)
     # requests cancelled at the drain limit: the whole elapsed time counts
-    cut, _ = gc.merge([(one[0], 2, 0.1)], cfg, elapsed=5.0, started_at="now")
+    cut, _ = load.merge([(one[0], 2, 0.1)], cfg, elapsed=5.0, started_at="now")
     assert cut.cancelled == 2 and cut.duration_s == 5.0
 
 
@@ -120,12 +124,12 @@ def _yaml_engine(path: Path) -> dict:
 def test_rayllm_yaml_has_the_engine_arguments_of_the_bare_command_line(tmp_path: Path):
     args = gc.parse_args(["--tp", "2", "--gpu-fraction", "0.5", "--engine-kwargs", '{"max_num_seqs": 300}',
                           "--out", str(tmp_path)])
-    kwargs = gc.engine_kwargs(args)
+    kwargs = stacks.engine_kwargs(args)
     assert kwargs["gpu_memory_utilization"] == 0.28 and kwargs["kv_cache_memory_bytes"] == 16 * 2**30
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_num_seqs"] == 300
-    bare = gc.build_command("bare", 9000, args, Path("/models/m8b"), kwargs)
-    api2 = gc.build_command("bare-api2", 9001, args, Path("/models/m8b"), kwargs)
-    ray = gc.build_command("rayllm-app", 9002, args, Path("/models/m8b"), kwargs)
+    bare = stacks.build_command("bare", 9000, args, Path("/models/m8b"), kwargs)
+    api2 = stacks.build_command("bare-api2", 9001, args, Path("/models/m8b"), kwargs)
+    ray = stacks.build_command("rayllm-app", 9002, args, Path("/models/m8b"), kwargs)
     assert bare[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert api2[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/models/m8b"]
     assert api2[-2:] == ["--api-server-count", "2"]
@@ -140,19 +144,19 @@ def test_rayllm_yaml_has_the_engine_arguments_of_the_bare_command_line(tmp_path:
 
 def test_cpu_engine_arguments_are_compare_stacks(tmp_path: Path):
     args = gc.parse_args(["--smoke", "--out", str(tmp_path)])
-    kwargs = gc.engine_kwargs(args)
+    kwargs = stacks.engine_kwargs(args)
     assert kwargs == ENGINE_KWARGS and "gpu_memory_utilization" not in kwargs
-    ray = gc.build_command("rayllm-app", 9002, args, Path("/models/tiny"), kwargs)
+    ray = stacks.build_command("rayllm-app", 9002, args, Path("/models/tiny"), kwargs)
     yaml_path = Path(ray[ray.index("--model") + 1])
     assert _yaml_engine(yaml_path) == kwargs
     assert load_model_config(yaml_path).scaling_config.num_gpus_per_worker == 0
 
 
 def test_ports_stay_out_of_each_others_ingress_range():
-    ports = gc.pick_ports(STACKS)
+    ports = stacks.pick_ports(STACKS)
     values = sorted(ports.values())
     assert set(ports) == set(STACKS)
-    assert all(b - a > gc.INGRESS_SPAN for a, b in zip(values, values[1:]))
+    assert all(b - a > stacks.INGRESS_SPAN for a, b in zip(values, values[1:]))
 
 
 def _measure(stack: str, level: int, round_no: int, tok_s: float, ttft: float, itl: float) -> dict:
@@ -231,7 +235,7 @@ def test_smoke_run_measures_both_stacks_and_stops_them(tmp_path: Path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_compare.py"), "--smoke", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = gc.read_rows(out / "results.jsonl")
+    rows = gpu_results.read_rows(out / "results.jsonl")
     measures = {(r["stack"], r["level"]): r for r in rows if r["kind"] == "measure"}
     assert set(measures) == {("bare", 1), ("bare", 4), ("rayllm-app", 1), ("rayllm-app", 4)}
     for row in measures.values():
