@@ -93,8 +93,9 @@ def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None =
     extra = {"server_cls": server_cls} if server_cls is not None else {}
     handles = [build_model_deployment(config, **extra) for config in configs]
     cards = [model_card(config, created) for config in configs]
+    lora_models = [config.model_dump(mode="json") for config in configs if config.lora_config is not None]
     return router_deployment(settings).bind(handles, cards, [model_spec(config) for config in configs],
-                                            settings.model_dump())
+                                            settings.model_dump(), lora_models)
 
 
 def build_app(args: dict[str, Any]) -> Application:

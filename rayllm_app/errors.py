@@ -47,6 +47,19 @@ class ModelNotFoundError(OpenAIError):
         )
 
 
+class AdapterNotFoundError(OpenAIError):
+    """A ``<base>:<adapter>`` name the base model does not serve."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "adapter_not_found"
+
+    def __init__(self, model: str, base: str, available: list[str]) -> None:
+        listing = ", ".join(sorted(available)) or "none"
+        super().__init__(
+            f"The LoRA adapter '{model}' does not exist. Adapters of '{base}': {listing}.", param="model")
+
+
 class ResponseNotFoundError(OpenAIError):
     """A stored response no serving model holds (vLLM's own shape for the same answer)."""
 

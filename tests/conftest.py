@@ -10,6 +10,7 @@ tests (tests/e2e/test_vllm_parity_e2e.py, tests/e2e/test_clients_e2e.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -299,17 +300,25 @@ def bare_vllm_command(model_path: Path, port: int) -> list[str]:
 def bare_vllm(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareVLLM]:
     """Bare vLLM's OpenAI server for tiny-tools (same model folder and options as served_app's
     tiny-tools), for as long as the session runs. Its log: BareVLLM.log_path."""
-    import httpx
-
     port = free_port()
     log_path = tmp_path_factory.mktemp("bare-vllm") / "server.log"
+    with running_bare_vllm(bare_vllm_command(tiny_model_path, port), port, log_path) as root:
+        yield BareVLLM(root_url=root, log_path=log_path)
+
+
+@contextlib.contextmanager
+def running_bare_vllm(command: list[str], port: int, log_path: Path, timeout_s: float = 300) -> Iterator[str]:
+    """Run a bare vLLM server command until the block ends; yields its root URL once it
+    serves /v1/models. A server that exits or never serves fails with its log's tail."""
+    import httpx
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **RESPONSES_STORE_ENV)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(bare_vllm_command(tiny_model_path, port), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"bare vLLM exited with {proc.returncode} before serving; log: {log_path}:\n"
@@ -320,10 +329,10 @@ def bare_vllm(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"bare vLLM not serving /v1/models after 300 s; log: {log_path}:\n"
+                raise TimeoutError(f"bare vLLM not serving /v1/models after {timeout_s:g} s; log: {log_path}:\n"
                                    + log_path.read_text(errors="replace")[-4000:])
             time.sleep(1)
-        yield BareVLLM(root_url=root, log_path=log_path)
+        yield root
     finally:
         _stop_process_group(proc)
 

@@ -25,6 +25,7 @@ from rayllm_app.config.loader import (
     parse_model_config,
     read_model_file,
 )
+from rayllm_app.config.lora_config import LoraAdapter, LoraConfig, adapter_id
 from rayllm_app.config.prompt_format import PromptFormat
 from rayllm_app.config.rayllm_compat import SchedulerConfig, SchedulerPolicy
 from rayllm_app.config.schema import (
@@ -50,12 +51,15 @@ __all__ = [
     "DeploymentConfig",
     "EngineConfig",
     "GenerationConfig",
+    "LoraAdapter",
+    "LoraConfig",
     "ModelConfig",
     "ModelEntry",
     "PromptFormat",
     "ScalingConfig",
     "SchedulerConfig",
     "SchedulerPolicy",
+    "adapter_id",
     "expand_model_paths",
     "format_validation_error",
     "load_model_config",

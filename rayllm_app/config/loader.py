@@ -122,11 +122,13 @@ def load_model_entries(sources: list[str | Path | dict[str, Any]]) -> list[Model
             if not config.enabled:
                 logger.info("Skipping %s: enabled is false", name)
                 continue
-            if config.model_id in seen:
-                errors.append(f"{name}: engine_config.model_id '{config.model_id}' is also used by "
-                              f"{seen[config.model_id]}")
+            clash = next((n for n in (config.model_id, *config.adapter_names()) if n in seen), None)
+            if clash is not None:
+                what = "engine_config.model_id" if clash == config.model_id else "lora_config adapter name or alias"
+                errors.append(f"{name}: {what} '{clash}' is also used by {seen[clash]}")
                 continue
-            seen[config.model_id] = name
+            for served in (config.model_id, *config.adapter_names()):
+                seen[served] = name
             entries.append(ModelEntry(name, data, config))
     if errors:
         raise ConfigError("\n".join(errors))

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rayllm_app.config.lora_config import LoraConfig, adapter_id
 from rayllm_app.config.prompt_format import PromptFormat, chat_template
 from rayllm_app.config.rayllm_compat import (
     IGNORED_GENERATE_KWARGS,
@@ -386,6 +387,29 @@ class ModelConfig(StrictModel):
     deployment_config: DeploymentConfig = Field(default_factory=DeploymentConfig)
     engine_config: EngineConfig
     scaling_config: ScalingConfig = Field(default_factory=ScalingConfig)
+    lora_config: LoraConfig | None = Field(
+        None, description="LoRA adapters served on this base model, loaded on demand (see lora_config.py).")
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> ModelConfig:
+        if self.lora_config is None:
+            return self
+        managed = sorted(set(self.engine_config.engine_kwargs) & set(self.lora_config.engine_kwargs()))
+        if managed:
+            raise ValueError(f"engine_config.engine_kwargs sets {', '.join(managed)}: with lora_config, set "
+                             "max_loras and max_lora_rank there instead (it enables LoRA itself)")
+        if "embeddings" in self.capabilities() and "chat" not in self.capabilities():
+            raise ValueError("lora_config: adapters are served on generative models; this one is a pooling model")
+        return self
+
+    def adapter_names(self) -> dict[str, str]:
+        """Every name a client may send for a named adapter of this model -> its adapter id
+        (``<base>:<adapter>``); adapters under the dynamic path are found when listed."""
+        if self.lora_config is None:
+            return {}
+        names = {adapter_id(self.model_id, name): adapter_id(self.model_id, name) for name in self.lora_config.named()}
+        names.update({alias: adapter_id(self.model_id, name) for alias, name in self.lora_config.aliases().items()})
+        return names
 
     @model_validator(mode="after")
     def _parallelism_matches_workers(self) -> ModelConfig:

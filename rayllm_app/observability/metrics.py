@@ -78,6 +78,19 @@ METRICS: dict[str, tuple] = {
     "rayllm_wake_seconds_total": ("counter", "Seconds spent waking, summed exactly (divide by "
                                   "rayllm_wakes_total for the mean wake).", ("model",)),
     "rayllm_asleep_seconds_total": ("counter", "Seconds replicas' engines spent asleep.", ("model",)),
+    # LoRA adapters (lora_config), per replica.
+    "rayllm_lora_requests_total": ("counter", "Requests served with a LoRA adapter.", ("model", "adapter")),
+    "rayllm_lora_prompt_tokens_total": ("counter", "Prompt tokens prefilled with a LoRA adapter.", ("model", "adapter")),
+    "rayllm_lora_generation_tokens_total": (
+        "counter", "Tokens generated with a LoRA adapter.", ("model", "adapter")),
+    "rayllm_lora_loads_total": ("counter", "Adapter loads into a replica's engine, by result (ok, failed).",
+                                ("model", "adapter", "result")),
+    "rayllm_lora_evictions_total": (
+        "counter", "Adapters a replica unloaded to stay within max_adapters_per_replica.", ("model", "adapter")),
+    "rayllm_lora_load_seconds": ("histogram", "Time to fetch and load an adapter (successful loads).",
+                                 ("model", "adapter"), [0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]),
+    "rayllm_lora_load_seconds_total": (
+        "counter", "Seconds spent fetching and loading adapters, summed exactly.", ("model", "adapter")),
     # Usage per API key *name* (never the key), counted by the router from the engine's counts.
     "rayllm_key_requests_total": (
         "counter", "Requests per API key name and model, by HTTP status; key=anonymous when "
@@ -107,6 +120,23 @@ def ray_metric(name: str) -> Any:
             metric = ray_metrics.Histogram(name, description, boundaries=buckets[0], tag_keys=tag_keys)
         _registry[name] = metric
     return metric
+
+
+def report_metric(metric: Callable[[str], Any] | None, name: str, value: float, tags: dict[str, str],
+                  *, observe: bool = False) -> None:
+    """Add ``value`` to a counter of :data:`METRICS` (nothing for 0), or observe it in a
+    histogram; a reporting failure is logged, never raised: it must not change what the engine
+    or a request does."""
+    if metric is None or (not observe and value <= 0):
+        return
+    try:
+        family = metric(name)
+        if observe:
+            family.observe(value, tags=tags)
+        else:
+            family.inc(value, tags=tags)
+    except Exception:  # noqa: BLE001
+        logger.debug("metric %s failed", name, exc_info=True)
 
 
 def status_of(error: BaseException) -> int:

@@ -20,6 +20,7 @@ from rayllm_app.observability.metrics import ModelMetrics, status_of
 from rayllm_app.replica.engine_guard import start_guard
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
 from rayllm_app.replica.idle_sleep import IdleSleep
+from rayllm_app.replica.lora_adapters import AdapterManager
 from rayllm_app.replica.request_defaults import RequestDefaults
 from rayllm_app.replica.stream_channel import (
     ChannelRequest,
@@ -36,6 +37,7 @@ class ModelServer:
     vLLM's own OpenAI application."""
 
     idle_sleep: IdleSleep | None = None  # deployment_config.idle_sleep
+    adapters: AdapterManager | None = None  # lora_config
 
     async def __init__(self, config: dict[str, Any]) -> None:
         self.timings: dict[str, float] = {"constructor_start": time.time()}
@@ -52,6 +54,10 @@ class ModelServer:
         self._guard = start_guard(self.engine.child_pids())  # the engine dies with this replica
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
         self.idle_sleep = self._start_idle_sleep()
+        if self.config.lora_config is not None:
+            from rayllm_app.observability.metrics import ray_metric
+
+            self.adapters = AdapterManager(self.config, self.engine, metric=ray_metric)
         self.timings["engine_ready"] = time.time()
         logger.info("Replica of %s ready: %s", self.config.model_id, self.timings)
 
@@ -135,6 +141,16 @@ class ModelServer:
             except BaseException as error:
                 timer.finish(status_of(error))
                 raise
+        # The LoRA adapter the router routed this request by (the body names it too).
+        adapter = serve.get_multiplexed_model_id() if self.adapters is not None else ""
+        if adapter:
+            try:
+                await self.adapters.acquire(adapter)  # type: ignore[union-attr]
+            except BaseException as error:
+                timer.finish(status_of(error))
+                if sleeper is not None:
+                    sleeper.leave()
+                raise
 
         def watch(chunk: bytes) -> None:
             if chunk.startswith(b'data: {"error"'):
@@ -161,6 +177,9 @@ class ModelServer:
             await items.aclose()
             if sleeper is not None:
                 sleeper.leave()
+            if adapter:
+                self.adapters.release(adapter)  # type: ignore[union-attr]
+                self.adapters.count(adapter, usage)  # type: ignore[union-attr]
 
     async def _channel_server(self) -> ReplicaChannelServer | None:
         """Started on first use, on the loop that runs the requests; None if it cannot listen."""
@@ -182,6 +201,13 @@ class ModelServer:
         return {**replica_placement(), "timings": {**self.timings, "process_start": _process_start_time()},
                 "engine_pids": self.engine.child_pids(),
                 "stream_channel": channel.describe() if channel is not None else None}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve asks every few seconds (models with lora_config): the adapters held here,
+        for the request router's replica choice (routing.adapter_affinity), and their loads."""
+        if self.adapters is None:
+            return {}
+        return {"adapters": self.adapters.held(), "adapter_loads": dict(self.adapters.loads)}
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically: a dead engine makes the replica unhealthy."""
@@ -307,4 +333,15 @@ def build_model_deployment(config: ModelConfig, server_cls: type = ModelServer) 
         # The router writes one JSON access-log line per request; Serve's own line per
         # replica call would repeat it, at about 0.1 ms of the replica's CPU each.
         logging_config={"enable_access_log": False},
+        **_request_router(config),
     ).bind(config.model_dump(mode="json"))
+
+
+def _request_router(config: ModelConfig) -> dict[str, Any]:
+    """Models with LoRA adapters route adapter requests to where the adapter is loaded; the
+    others keep Serve's default router."""
+    if config.lora_config is None:
+        return {}
+    from rayllm_app.routing.adapter_affinity import request_router_config
+
+    return {"request_router_config": request_router_config(config.lora_config.load_guard)}

@@ -38,6 +38,8 @@ def build_engine_kwargs(config: ModelConfig, model_path: str) -> dict[str, Any]:
     kwargs.setdefault("enable_log_requests", False)
     if config.deployment_config.idle_sleep is not None:
         kwargs["enable_sleep_mode"] = True
+    if config.lora_config is not None:
+        kwargs.update(config.lora_config.engine_kwargs())
     kwargs.setdefault("max_logprobs", engine.generation.max_logprobs)
     if config.scaling_config.num_workers > 1:
         # GPUs: vLLM's Ray executor places its workers in the replica's placement group.
@@ -139,6 +141,41 @@ class VLLMEngine:
         if level == 2:  # the weights were dropped: load them again from the model folder
             await self._engine.collective_rpc("reload_weights")
         await self._engine.reset_prefix_cache()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Register a LoRA adapter with vLLM's OpenAI layer (which loads it into the engine, so
+        a bad adapter fails here, not on a request). AdapterMismatchError when it does not fit
+        the base or the engine's limits, FileNotFoundError when vLLM finds no adapter there."""
+        try:
+            from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+        except ImportError:  # older layouts
+            from vllm.entrypoints.openai.protocol import LoadLoRAAdapterRequest
+        from rayllm_app.storage.lora_source import AdapterMismatchError
+
+        result = await self.app.state.openai_serving_models.load_lora_adapter(
+            LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
+        error = getattr(result, "error", None)
+        if error is None:
+            return
+        message = str(getattr(error, "message", error))
+        if "max_lora_rank" in message or "target modules" in message:
+            raise AdapterMismatchError(message.split("Worker failed with error ")[-1].strip("'\", "))
+        if getattr(error, "code", None) == 404:
+            raise FileNotFoundError(message)
+        raise RuntimeError(message)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Drop an adapter from vLLM's OpenAI layer and from the engine's own adapter cache."""
+        try:
+            from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+        except ImportError:  # older layouts
+            from vllm.entrypoints.openai.protocol import UnloadLoRAAdapterRequest
+
+        models = self.app.state.openai_serving_models
+        request = models.lora_requests.get(name)
+        await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        if request is not None:
+            await self._engine.remove_lora(request.lora_int_id)
 
     @property
     def errored(self) -> bool:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from rayllm_app.errors import ModelUnavailableError
+from rayllm_app.observability.metrics import report_metric
 
 logger = logging.getLogger(__name__)
 
@@ -177,15 +178,7 @@ class IdleSleep:
                 logger.debug("sleep state report failed", exc_info=True)
 
     def _count(self, name: str, value: float) -> None:
-        if self._metric is not None and value > 0:
-            try:
-                self._metric(name).inc(value, tags=self._tags)
-            except Exception:  # noqa: BLE001
-                logger.debug("metric %s failed", name, exc_info=True)
+        report_metric(self._metric, name, value, self._tags)
 
     def _observe(self, name: str, value: float) -> None:
-        if self._metric is not None:
-            try:
-                self._metric(name).observe(value, tags=self._tags)
-            except Exception:  # noqa: BLE001
-                logger.debug("metric %s failed", name, exc_info=True)
+        report_metric(self._metric, name, value, self._tags, observe=True)

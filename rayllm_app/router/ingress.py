@@ -18,13 +18,11 @@ from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rayllm_app.config import parse_model_config
 from rayllm_app.config.router_settings import RouterSettings
 from rayllm_app.errors import (
     EngineError,
@@ -34,23 +32,17 @@ from rayllm_app.errors import (
     OpenAIError,
     RequestTimeoutError,
     ResponseNotFoundError,
-    error_body,
 )
-from rayllm_app.observability.metrics import (
-    collect_prometheus_text,
-    record_router_request,
-)
+from rayllm_app.observability.metrics import collect_prometheus_text
 from rayllm_app.config.key_config import PRIORITY_VALUES
 from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply, Usage
 from rayllm_app.replica.sleep_registry import sleep_command
 from rayllm_app.replica.stream_channel import RouterChannels
+from rayllm_app.router.adapters import AdapterCatalog, AdapterRoute
 from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
 from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
-from rayllm_app.router.middleware import (
-    BodySizeLimitMiddleware,
-    RequestIdMiddleware,
-    set_request_model,
-)
+from rayllm_app.router.http_errors import error_response, install_error_handlers, install_middleware
+from rayllm_app.router.middleware import set_request_model
 from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
@@ -80,47 +72,7 @@ app = FastAPI(
     version="0.1.0",
 )
 mount_playground(app)  # GET / and /playground: compare models side by side in the browser
-
-
-def error_response(error: OpenAIError, model: str | None = None) -> JSONResponse:
-    """An error the router itself answers (the replicas count their own)."""
-    record_router_request(model, error.status_code)
-    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """The router's own parameters (paths, queries); request bodies are vLLM's to validate."""
-    first = (list(exc.errors()) or [{}])[0]
-    param = ".".join(str(part) for part in first.get("loc", ())) or None
-    return error_response(InvalidRequestError(f"Invalid value for '{param}': {first.get('msg', 'invalid value')}",
-                                              param=param))
-
-
-@app.exception_handler(OpenAIError)
-async def _on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-    return error_response(exc)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
-
-
-def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
-    """Request ids and access logs, body limits, and CORS when origins are configured."""
-    if getattr(target.state, "rayllm_middleware", False):
-        return
-    target.state.rayllm_middleware = True
-    target.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    if settings.cors_allow_origins:
-        target.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Api-Key", "Anthropic-Version"],
-            expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
-    target.add_middleware(RequestIdMiddleware)
+install_error_handlers(app)  # every error in OpenAI's envelope
 
 
 def _reply(reply: Reply, extra: dict[str, str]) -> Response:
@@ -153,13 +105,17 @@ def _with_response_id(raw: bytes, data: dict[str, Any]) -> tuple[bytes, str]:
 @serve.ingress(app)
 class Router:
     async def __init__(self, handles: list[DeploymentHandle], cards: list[dict[str, Any]],
-                       specs: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
+                       specs: list[dict[str, Any]], settings: dict[str, Any] | None = None,
+                       lora_models: list[dict[str, Any]] | None = None) -> None:
         self.settings = RouterSettings.model_validate(settings or {})
         self.keys = KeyStore.from_settings(self.settings)
         install_middleware(app, self.settings)
         self.cards = [ModelCard.model_validate(card) for card in cards]
         self.handles = {card.id: ModelCalls(handle) for card, handle in zip(self.cards, handles)}
         self.capabilities = {card.id: frozenset(card.metadata.get("capabilities") or ()) for card in self.cards}
+        # Base models with lora_config (their model files): which names are their adapters.
+        self.adapters = AdapterCatalog([parse_model_config(config, f"model '{config['engine_config']['model_id']}'")
+                                        for config in lora_models or ()])
         self.response_models: OrderedDict[str, str] = OrderedDict()
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
@@ -178,16 +134,19 @@ class Router:
             authorization = f"Bearer {api_key}"
         return self.keys.authenticate(authorization)
 
-    def _handle(self, model: str, caller: ApiKey | None) -> ModelCalls:
-        self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
-        set_request_model(model)
+    def _handle(self, model: str, caller: ApiKey | None, adapter: AdapterRoute | None = None) -> ModelCalls:
+        """The model's calls; for an adapter, its base model's, routed by adapter (a key that
+        may use the base may use its adapters)."""
+        if adapter is None or caller is None or not caller.allows(adapter.adapter):
+            self.keys.authorize(caller, model)  # before the lookup: a 403 must not reveal existence
+        set_request_model(adapter.adapter if adapter is not None else model)
         handle = self.handles.get(model)
         if handle is None:
             raise ModelNotFoundError(model, [m for m in self.handles if caller is None or caller.allows(m)])
         state = self.status.state(model)
         if state.state == FAILED:
             raise ModelUnavailableError(f"Model '{model}' is unavailable: {state.message}", retry_after_s=30)
-        return handle
+        return handle.for_adapter(adapter.adapter) if adapter is not None else handle
 
     async def _through_cold_start(self, model: str, pending: Any) -> Any:
         """Await a handle call; if the model has no running replica, bound the wait for one.
@@ -280,12 +239,26 @@ class Router:
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models(self, request: Request) -> ModelList:
+        """Every model the caller may use, each base model followed by its LoRA adapters
+        (``parent``: the base), listed without loading any."""
         caller = self._caller(request)
-        return ModelList(data=[self._card(c) for c in self.cards if caller is None or caller.allows(c.id)])
+        data: list[ModelCard] = []
+        for card in self.cards:
+            base_allowed = caller is None or caller.allows(card.id)
+            if base_allowed:
+                data.append(self._card(card))
+            data += [self._card(ModelCard.model_validate(adapter)) for adapter in await self._adapter_cards(card)
+                     if base_allowed or caller.allows(adapter["id"])]  # type: ignore[union-attr]
+        return ModelList(data=data)
+
+    async def _adapter_cards(self, card: ModelCard) -> list[dict[str, Any]]:
+        return await self.adapters.cards(card.model_dump()) if card.id in self.adapters.configs else []
 
     def _card(self, card: ModelCard) -> ModelCard:
-        """The card with the model's state now (ready, sleeping, scaled_to_zero, ...)."""
-        return card.model_copy(update={"metadata": {**card.metadata, "status": self.status.state(card.id).shown}})
+        """The card with the model's state now (ready, sleeping, scaled_to_zero, ...); an
+        adapter's is its base's."""
+        state = self.status.state(card.parent or card.id).shown
+        return card.model_copy(update={"metadata": {**card.metadata, "status": state}})
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(self, model_id: str, request: Request) -> ModelCard:
@@ -294,6 +267,12 @@ class Router:
         for card in self.cards:
             if card.id == model_id:
                 return self._card(card)
+        route = await self.adapters.resolve(model_id) if self.adapters else None
+        if route is not None:
+            base = next(card for card in self.cards if card.id == route.base)
+            for adapter in await self._adapter_cards(base):
+                if adapter["id"] == route.adapter:
+                    return self._card(ModelCard.model_validate(adapter))
         raise ModelNotFoundError(model_id, [m for m in self.handles if caller is None or caller.allows(m)])
 
     # Forwarded endpoints: vLLM's OpenAI layer in the model's replica answers them.
@@ -367,23 +346,30 @@ class Router:
         path = request.scope["route"].path  # without the application's route prefix
         raw = await request.body()
         peek = peek_body(raw)
-        handle = self._handle(peek.model, caller)
-        self._check_serves(peek.model, path, peek.n)
-        spec = self.status.specs[peek.model]
-        admission = await self.budgets.admit(caller, peek.model, path, raw, peek.data, capacity=self._capacity(peek.model),
+        model = peek.model
+        adapter = await self.adapters.resolve(model) if self.adapters and model not in self.handles else None
+        if adapter is not None:
+            model = adapter.base
+            if peek.model != adapter.adapter:  # an alias: the engine knows the adapter by its id
+                raw = json.dumps({**peek.data, "model": adapter.adapter}).encode()
+        handle = self._handle(model, caller, adapter)
+        self._check_serves(model, path, peek.n)
+        spec = self.status.specs[model]
+        # Budgets, capacity and usage count an adapter's requests as its base model's.
+        admission = await self.budgets.admit(caller, model, path, raw, peek.data, capacity=self._capacity(model),
                                              default_max_tokens=spec.default_max_tokens,
-                                             low_slots=self._low_slots(peek.model))
+                                             low_slots=self._low_slots(model))
         try:
             if caller is not None and spec.priority_scheduling and path in PRIORITY_PATHS:
                 raw = with_priority(raw, PRIORITY_VALUES[caller.priority])
             if path == "/v1/responses":
                 raw, response_id = _with_response_id(raw, peek.data)
-                self._remember_response(response_id, peek.model)
+                self._remember_response(response_id, model)
             forwarded = ForwardedRequest("POST", path, raw, request.url.query, _forwarded_headers(request))
         except BaseException:
             self.budgets.settle(admission, None, 400)
             raise
-        return await self._dispatch(forwarded, peek.model, peek.stream, handle, timeout, admission)
+        return await self._dispatch(forwarded, model, peek.stream, handle, timeout, admission)
 
     def _capacity(self, model: str) -> int | None:
         """This router's share of what the model's running replicas take before Serve queues

@@ -64,6 +64,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "rayllm-app"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 

@@ -112,7 +112,13 @@ def _list_prefix(s3: S3Client, config: S3MirrorConfig) -> list[dict[str, Any]]:
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def _model_files(s3: S3Client, config: S3MirrorConfig) -> list[tuple[str, dict[str, Any]]]:
+# The file that makes a prefix a folder of its kind: a model's, or a LoRA adapter's (ADAPTER_MARKER).
+MODEL_MARKER = ("config.json", "a Hugging Face model folder")
+ADAPTER_MARKER = ("adapter_config.json", "a PEFT LoRA adapter folder")
+
+
+def _model_files(s3: S3Client, config: S3MirrorConfig, marker: tuple[str, str] = MODEL_MARKER
+                 ) -> list[tuple[str, dict[str, Any]]]:
     """(path relative to the prefix, listing entry) of every included object; checks the folder shape."""
     listed = [(obj["Key"][len(config.prefix):], obj) for obj in _list_prefix(s3, config)]
     listed = [(rel, obj) for rel, obj in listed if rel and not rel.endswith("/")]  # skip "folder" markers
@@ -126,19 +132,20 @@ def _model_files(s3: S3Client, config: S3MirrorConfig) -> list[tuple[str, dict[s
                             f"excluded by s3_sync_args {config.s3_sync_args}; loosen the filters")
     for rel, obj in included:
         _check_relative_key(rel, f"s3://{config.bucket}/{obj['Key']}")
-    if not any(rel == "config.json" for rel, _ in included):
-        nested = sorted(rel for rel, _ in included if rel.endswith("/config.json"))
+    name, kind = marker
+    if not any(rel == name for rel, _ in included):
+        nested = sorted(rel for rel, _ in included if rel.endswith("/" + name))
         hint = (f"; found {nested[0]}, so bucket_uri should probably be "
                 f"{config.bucket_uri}{nested[0].rpartition('/')[0]}/") if nested else ""
         sample = ", ".join(rel for rel, _ in included[:5])
-        raise S3MirrorError("no_config", f"no config.json directly under {config.bucket_uri} (found: {sample}"
-                            f"{', ...' if len(included) > 5 else ''}){hint}. bucket_uri must point at a "
-                            "Hugging Face model folder")
+        raise S3MirrorError("no_config", f"no {name} directly under {config.bucket_uri} (found: {sample}"
+                            f"{', ...' if len(included) > 5 else ''}){hint}. bucket_uri must point at {kind}")
     return included
 
 
-def _plan(s3: S3Client, config: S3MirrorConfig, repo: Path) -> _Plan:
-    model = [(rel, obj["Key"], int(obj["Size"]), obj["ETag"].strip('"')) for rel, obj in _model_files(s3, config)]
+def _plan(s3: S3Client, config: S3MirrorConfig, repo: Path, marker: tuple[str, str] = MODEL_MARKER) -> _Plan:
+    model = [(rel, obj["Key"], int(obj["Size"]), obj["ETag"].strip('"'))
+             for rel, obj in _model_files(s3, config, marker)]
     extras = []
     for extra in config.extra_files:
         bucket, _, key = extra.bucket_uri[len("s3://"):].partition("/")
@@ -260,14 +267,15 @@ def _download(s3: S3Client, config: S3MirrorConfig, plan: _Plan, label: str) -> 
     return len(to_fetch), total, len(missing) - len(to_fetch), transfer.requests
 
 
-def mirror_model_with_stats(config: S3MirrorConfig, model_id: str, cache_dir: Path | None = None) -> MirrorStats:
+def mirror_model_with_stats(config: S3MirrorConfig, model_id: str, cache_dir: Path | None = None,
+                            marker: tuple[str, str] = MODEL_MARKER) -> MirrorStats:
     """Like :func:`mirror_model`, and also tell what was downloaded (for tests, benchmarks, logs)."""
     started = time.monotonic()
     repo = _repo_dir(cache_dir, model_id)
     label = f"s3 mirror {model_id}"
     s3 = S3Client(config, pool_size=config.max_concurrency + 2)
     try:
-        plan = _plan(s3, config, repo)
+        plan = _plan(s3, config, repo, marker)
     except S3MirrorError as exc:
         fallback = _offline_fallback(repo, exc) if exc.reason == "unreachable" else None
         if fallback is None:
@@ -296,9 +304,11 @@ def mirror_model_with_stats(config: S3MirrorConfig, model_id: str, cache_dir: Pa
         lock.release()
 
 
-def mirror_model(config: S3MirrorConfig, model_id: str, cache_dir: Path | None = None) -> Path:
-    """Make sure the S3 prefix is complete on this node; return the folder to load as the model."""
-    return mirror_model_with_stats(config, model_id, cache_dir).path
+def mirror_model(config: S3MirrorConfig, model_id: str, cache_dir: Path | None = None,
+                 marker: tuple[str, str] = MODEL_MARKER) -> Path:
+    """Make sure the S3 prefix is complete on this node; return the folder to load as the model
+    (or, with ADAPTER_MARKER, as a LoRA adapter)."""
+    return mirror_model_with_stats(config, model_id, cache_dir, marker).path
 
 
 def _mirror_task(config: S3MirrorConfig, model_id: str, cache_dir: str | None) -> tuple[str, str, str, str]:
