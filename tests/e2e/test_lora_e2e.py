@@ -55,10 +55,21 @@ def adapters(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory, s3
     folders = {name: build_tiny_lora(tiny_model_path, root / name, seed=seed)
                for seed, name in enumerate(["a1", *S3_ADAPTERS], start=1)}
     folders["big"] = build_tiny_lora(tiny_model_path, root / "big", seed=99, rank=16)
+    folders["badmod"] = misfit(build_tiny_lora(tiny_model_path, root / "badmod", seed=98))
     s3_model_bucket.client().create_bucket(Bucket="adapters")
     for name in S3_ADAPTERS:
         s3_model_bucket.upload_folder(folders[name], "adapters", f"lora/{name}/", create=False)
     return folders
+
+
+def misfit(folder: Path) -> Path:
+    """The adapter's weights renamed to a module the base model does not have."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    save_file({key.replace("q_proj", "nonexistent_proj"): value for key, value in load_file(weights).items()},
+              str(weights))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +87,7 @@ def lora_app(serve_root: str, tiny_model_path: Path, adapters: dict[str, Path], 
     base["lora_config"] = {
         "adapters": [{"name": "a1", "source": str(adapters["a1"]), "aliases": ["tiny-sql"]},
                      {"name": "big", "source": str(adapters["big"])},
+                     {"name": "badmod", "source": str(adapters["badmod"])},
                      {"name": "gone", "source": "s3://no-such-bucket-rayllm/adapter/"}],
         "dynamic_lora_loading_path": "s3://adapters/lora/",
         "s3_mirror_config": {"endpoint_url": s3_model_bucket.url, "region": "us-east-1", "retry_timeout_s": 2},
@@ -228,6 +240,9 @@ def test_bad_adapters_get_clear_errors_and_the_rest_keeps_serving(lora_app):
     big = complete(root, adapter("big"))
     assert big.status_code == 400, big.text
     assert "rank 16" in big.json()["error"]["message"] and "max_lora_rank 8" in big.json()["error"]["message"]
+    badmod = complete(root, adapter("badmod"))
+    assert badmod.status_code == 400, badmod.text
+    assert badmod.json()["error"]["code"] == "adapter_mismatch" and "nonexistent_proj" in badmod.text
     gone = complete(root, adapter("gone"))
     assert gone.status_code == 503, gone.text
     message = gone.json()["error"]["message"]
