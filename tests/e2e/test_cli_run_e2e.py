@@ -3,6 +3,7 @@ the stream channel, driven by the openai SDK over 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,17 +24,25 @@ MODEL = "tiny-cli"
 @pytest.fixture(scope="module")
 def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("cli-run")
-    config = folder / "tiny-cli.yaml"
-    config.write_text(json.dumps(tiny_model_config(MODEL, tiny_model_path)))  # JSON is YAML
+    with running_rayllm({MODEL: tiny_model_config(MODEL, tiny_model_path)}, folder) as (base, port, pid):
+        yield base, port, folder, pid
+
+
+@contextlib.contextmanager
+def running_rayllm(models: dict[str, dict], folder: Path, extra_args: tuple[str, ...] = ()):
+    """``rayllm run`` of these model configs (the fast path: its own Ray, direct ingress), without
+    API keys, until the block ends; yields (base URL, port, pid) once every model is ready."""
+    command = [sys.executable, "-m", "rayllm_app.cli", "run", "--host", "127.0.0.1", "--num-cpus", "8", "--offline"]
+    for name, config in models.items():
+        (folder / f"{name}.yaml").write_text(json.dumps(config))  # JSON is YAML
+        command += ["--model", str(folder / f"{name}.yaml")]
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYLLM_STREAM_CHANNEL_HOST": "127.0.0.1",
            "PYTHONPATH": str(ROOT)}
     env.pop("RAYLLM_API_KEYS", None)  # the session app's keys (set by its fixture): no auth here
     log = open(folder / "run.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rayllm_app.cli", "run", "--model", str(config), "--host", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "8", "--offline"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([*command, "--port", str(port), *extra_args], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     try:
@@ -42,7 +51,8 @@ def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
                 pytest.fail(f"rayllm run exited with {proc.returncode}:\n"
                             + (folder / "run.log").read_text(errors="replace")[-3000:])
             try:
-                if httpx.get(f"{base}/health", timeout=5).json()["models"][MODEL]["status"] == "ready":
+                states = httpx.get(f"{base}/health", timeout=5).json()["models"]
+                if all(states[name]["status"] == "ready" for name in models):
                     break
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
@@ -50,7 +60,7 @@ def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
                 pytest.fail("rayllm run not ready after 300 s:\n"
                             + (folder / "run.log").read_text(errors="replace")[-3000:])
             time.sleep(2)
-        yield base, port, folder, proc.pid
+        yield base, port, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -291,3 +291,48 @@ def test_adapter_metrics_are_exported(lora_app):
     assert any(line.startswith("rayllm_lora_load_seconds_total{") for line in lines)
     assert any(line.startswith("rayllm_lora_evictions_total{") for line in lines), lines
 
+
+
+FAST = "tiny-lora-fast"
+
+
+@pytest.fixture(scope="module")
+def lora_fast_path(tiny_model_path: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """``rayllm run`` (Ray Serve's throughput-optimized mode with direct ingress: where Ray's own
+    adapter routing stops working) serving a LoRA base on two replicas."""
+    from tests.e2e.test_cli_run_e2e import running_rayllm
+
+    config = tiny_model_config(FAST, tiny_model_path)
+    config["deployment_config"]["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
+    config["lora_config"] = {"adapters": [{"name": n, "source": str(adapters[n])} for n in ("a1", "s2")],
+                             "max_lora_rank": 8}
+    with running_rayllm({FAST: config}, tmp_path_factory.mktemp("lora-fast")) as (root, _, _):
+        yield root
+
+
+def exported_loads(root: str, adapter_id: str) -> float:
+    """rayllm_lora_loads_total{result="ok"} of one adapter, summed over the replicas."""
+    total = 0.0
+    for line in httpx.get(f"{root}/metrics", timeout=30).text.splitlines():
+        if line.startswith("rayllm_lora_loads_total{") and f'adapter="{adapter_id}"' in line \
+                and 'result="ok"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_fast_path_sends_an_adapter_to_the_one_replica_that_loaded_it(lora_fast_path, lora_app):
+    root, (_, bare) = lora_fast_path, lora_app
+    name = f"{FAST}:a1"
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: complete(root, name, max_tokens=12), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6
+    expected = complete(bare, adapter("a1"), max_tokens=12).json()["choices"][0]["text"]
+    assert {r.json()["choices"][0]["text"] for r in replies} == {expected}
+    deadline = time.monotonic() + 60
+    while exported_loads(root, name) < 1 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert exported_loads(root, name) == 1  # six concurrent first requests, one load
+    for _ in range(6):
+        assert complete(root, name, max_tokens=2).status_code == 200
+    time.sleep(15)  # past Ray's metrics export period
+    assert exported_loads(root, name) == 1  # every later request went to the replica holding it
