@@ -50,6 +50,7 @@ from rayllm_app.bench.workload import (
     load_tokenizer,
     parse_len_dist,
     plan_prompts,
+    request_models,
 )
 
 __all__ = [
@@ -73,7 +74,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     connector = aiohttp.TCPConnector(limit=pool, limit_per_host=pool)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
-        model = cfg.model or await discover_model(session, cfg)
+        model = cfg.model or (cfg.models[0] if cfg.models else await discover_model(session, cfg))
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         fit = None
         if cfg.calibrate and (cfg.input_len or cfg.input_len_dist):
@@ -81,22 +82,25 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
         prompts = plan_prompts(cfg, cfg.num_requests + cfg.warmup_requests, fit, tokenizer)
         url = endpoint_url(cfg)
         warm = prompts[: cfg.warmup_requests]
+        warm_models = request_models(cfg, model, len(warm))
         if warm:  # unmeasured; bounded by --max-duration as a whole
             width = max(1, min(len(warm), cfg.concurrency or len(warm)))
 
             async def warmup() -> None:
                 for i in range(0, len(warm), width):
                     await asyncio.gather(*(
-                        send_request(session, url, build_payload(cfg, model, p), index=-1,
+                        send_request(session, url, build_payload(cfg, name, p), index=-1,
                                      run_start=time.perf_counter(), stream=cfg.stream)
-                        for p in warm[i : i + width]
+                        for name, p in zip(warm_models[i : i + width], warm[i : i + width])
                     ))
 
             try:
                 await asyncio.wait_for(warmup(), timeout=cfg.max_duration)
             except asyncio.TimeoutError:
                 pass
-        payloads = [build_payload(cfg, model, p) for p in prompts[cfg.warmup_requests :]]
+        measured = prompts[cfg.warmup_requests :]
+        payloads = [build_payload(cfg, name, p)
+                    for name, p in zip(request_models(cfg, model, len(measured)), measured)]
         started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         records, cancelled, duration = await _drive(session, url, payloads, cfg)
     conf = cfg.public_dict()
@@ -230,6 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("target")
     g.add_argument("--base-url", default=env_url, help=f"OpenAI-compatible base URL (default {env_url})")
     g.add_argument("--model", default=None, help="model id (default: first of GET /models)")
+    g.add_argument("--models", type=lambda t: [m for m in t.split(",") if m], default=[],
+                   help="comma list: request i goes to the i-th in turn (e.g. adapters of one base); "
+                        "--model, default the first, gets the calibration requests")
     g.add_argument("--api-key", default=env_key, help="bearer token (default $RAYLLM_API_KEY or $OPENAI_API_KEY)")
     g.add_argument("--endpoint", choices=("completions", "chat"), default=d.endpoint)
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream,
@@ -282,8 +289,8 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
         if label and len(levels) > 1:
             label = f"{label} c={conc}"
         out.append(BenchConfig(
-            base_url=args.base_url, model=args.model, api_key=args.api_key, endpoint=args.endpoint,
-            stream=args.stream, concurrency=conc, num_requests=args.num_requests,
+            base_url=args.base_url, model=args.model, models=args.models, api_key=args.api_key,
+            endpoint=args.endpoint, stream=args.stream, concurrency=conc, num_requests=args.num_requests,
             request_rate=args.request_rate, max_duration=args.max_duration,
             drain_timeout=args.drain_timeout, request_timeout=args.request_timeout,
             input_len=args.input_len, input_len_dist=args.input_len_dist, output_len=args.output_len,

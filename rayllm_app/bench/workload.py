@@ -40,7 +40,10 @@ WORDS = (
 @dataclass
 class BenchConfig:
     base_url: str = DEFAULT_BASE_URL
-    model: str | None = None  # None: the first model of GET /models
+    model: str | None = None  # None: models[0], else the first model of GET /models
+    # Non-empty: request i (and warm-up request i) goes to models[i % len(models)], e.g. the
+    # adapters of one base; the calibration requests go to ``model``.
+    models: list[str] = field(default_factory=list)
     api_key: str | None = None
     endpoint: str = "completions"  # completions | chat
     stream: bool = True
@@ -86,6 +89,8 @@ class BenchConfig:
             raise ValueError("output_len must be >= 1")
         if self.warmup_requests < 0:
             raise ValueError("warmup_requests must be >= 0")
+        if not all(isinstance(m, str) and m for m in self.models):
+            raise ValueError("models must be non-empty model ids")
 
     def public_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -148,6 +153,12 @@ def build_payload(
         body["stream_options"] = opts
     body.update(cfg.extra_body)
     return body
+
+
+def request_models(cfg: BenchConfig, model: str, count: int) -> list[str]:
+    """The model of each of ``count`` requests: ``cfg.models`` in turn, else ``model``."""
+    names = cfg.models or [model]
+    return [names[i % len(names)] for i in range(count)]
 
 
 def make_prompt(rng: random.Random, words: int) -> str:

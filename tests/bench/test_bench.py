@@ -33,7 +33,7 @@ from rayllm_app.bench.report import (
     percentile,
     summarize,
 )
-from rayllm_app.bench.workload import build_payload, parse_len_dist, plan_prompts
+from rayllm_app.bench.workload import build_payload, parse_len_dist, plan_prompts, request_models
 
 # --------------------------------------------------------------------------- statistics
 
@@ -376,6 +376,35 @@ def test_loop_closed_concurrency_coalesced_chunks_and_errors():
         assert len(set(r["chunk_tokens"])) == 1 and len(r["chunk_tokens"]) <= 4
     assert res.itl_ms.count == sum(round(t) for r in ok for t in r["chunk_tokens"][1:])
     assert res.ttft_ms.p50 > 0 and res.ttft_ms.p50 <= res.ttft_ms.p99
+
+
+class ModelsSeen(ScriptedServer):
+    """Records each request's ``model`` in arrival order."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    async def completions(self, request):
+        self.seen.append((await request.json())["model"])
+        return await super().completions(request)
+
+
+def test_models_are_cycled_per_request_and_calibration_goes_to_model():
+    assert request_models(BenchConfig(models=["a", "b"]), "m", 3) == ["a", "b", "a"]
+    assert request_models(BenchConfig(), "m", 2) == ["m", "m"]
+    script = ModelsSeen()
+    res = _run_against(script, model="cal", models=["a", "b", "c"], concurrency=1, num_requests=5,
+                       output_len=2, input_len=8, warmup_requests=2, calibrate=True)
+    assert res.completed == 5 and res.config["models"] == ["a", "b", "c"]
+    assert script.seen == ["cal", "cal", "a", "b", "a", "b", "c", "a", "b"]
+    script = ModelsSeen()
+    _run_against(script, models=["x", "y"], concurrency=1, num_requests=2, output_len=2, warmup_requests=0)
+    assert script.seen == ["x", "x", "x", "y"]  # no --model: the first of --models is calibrated
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.configs_from_args(parser.parse_args(["--models", "b:1,b:2", "--no-progress"]))[0].models == ["b:1", "b:2"]
+    assert bench.configs_from_args(parser.parse_args(["--no-progress"]))[0].models == []
 
 
 def test_events_of_one_network_read_form_one_chunk():
