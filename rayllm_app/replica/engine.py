@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -165,7 +166,9 @@ class VLLMEngine:
             return
         message = str(getattr(error, "message", error))
         if "max_lora_rank" in message or "target modules" in message:
-            raise AdapterMismatchError(message.split("Worker failed with error ")[-1].strip("'\", "))
+            # vLLM wraps the worker's reason: "... Worker failed with error '<reason>', please check ..."
+            reason = re.search(r"Worker failed with error '(.*)', please check", message, re.S)
+            raise AdapterMismatchError(reason.group(1) if reason else message)
         if getattr(error, "code", None) == 404:
             raise FileNotFoundError(message)
         raise RuntimeError(message)

@@ -86,7 +86,8 @@ def lora_app(serve_root: str, tiny_model_path: Path, adapters: dict[str, Path], 
 
     os.environ.setdefault("RAYLLM_API_KEYS", f"{API_KEY},{LIMITED_KEY}:{TINY_A}")
     base = tiny_model_config(BASE, tiny_model_path, propagate_env=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
-    base["deployment_config"]["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
+    base["deployment_config"].update(autoscaling_config={"min_replicas": 2, "max_replicas": 2},
+                                     graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.5)
     base["lora_config"] = {
         "adapters": [{"name": "a1", "source": str(adapters["a1"]), "aliases": ["tiny-sql"]},
                      {"name": "big", "source": str(adapters["big"])},
@@ -113,7 +114,10 @@ def lora_app(serve_root: str, tiny_model_path: Path, adapters: dict[str, Path], 
         yield root, bare_root
     from ray import serve
 
-    serve.delete(APP)
+    try:
+        serve.delete(APP)
+    except TimeoutError:  # a busy host (the whole suite's engines): Serve goes on deleting it
+        pass
 
 
 def headers() -> dict[str, str]:
@@ -265,6 +269,7 @@ def test_bad_adapters_get_clear_errors_and_the_rest_keeps_serving(lora_app):
     badmod = complete(root, adapter("badmod"))
     assert badmod.status_code == 400, badmod.text
     assert badmod.json()["error"]["code"] == "adapter_mismatch" and "nonexistent_proj" in badmod.text
+    assert "stack trace" not in badmod.text  # vLLM's reason, without its wrapper's advice
     gone = complete(root, adapter("gone"))
     assert gone.status_code == 503, gone.text
     message = gone.json()["error"]["message"]
