@@ -83,10 +83,13 @@ class AdapterManager:
 
     async def _load(self, adapter: str) -> None:
         name = adapter[len(self.base) + 1:]
-        sources = await asyncio.to_thread(self._list, self.config)
-        source = sources.get(name)
+        # A named adapter's source is in the model file; only others need the dynamic path's
+        # listing (an S3 request), as does the error that lists every adapter.
+        source = self.lora.named().get(name)
         if source is None:
-            raise AdapterNotFoundError(adapter, self.base, [f"{self.base}:{n}" for n in sources])
+            source = (await self._sources()).get(name)
+        if source is None:
+            raise await self._not_found(adapter)
         tags = {"model": self.base, "adapter": adapter}
         started = time.perf_counter()
         attempts = self.lora.load_retries + 1
@@ -104,7 +107,7 @@ class AdapterManager:
                                           f"'{self.base}': {error}", param="model", code="adapter_mismatch") from None
             except FileNotFoundError:
                 self._inc("rayllm_lora_loads_total", 1, {**tags, "result": "failed"})
-                raise AdapterNotFoundError(adapter, self.base, [f"{self.base}:{n}" for n in sources]) from None
+                raise await self._not_found(adapter) from None
             except asyncio.TimeoutError:
                 failure = f"no answer within lora_config.load_timeout_s ({self.lora.load_timeout_s:g} s)"
             except Exception as error:  # noqa: BLE001 - S3, disk or engine: retried, then a 503
@@ -124,6 +127,12 @@ class AdapterManager:
         self._observe("rayllm_lora_load_seconds", took, tags)
         logger.info("LoRA adapter %s loaded from %s in %.2f s", adapter, source, took)
         await self._evict()
+
+    async def _sources(self) -> dict[str, str]:
+        return await asyncio.to_thread(self._list, self.config)
+
+    async def _not_found(self, adapter: str) -> AdapterNotFoundError:
+        return AdapterNotFoundError(adapter, self.base, [f"{self.base}:{n}" for n in await self._sources()])
 
     async def _evict(self) -> None:
         """Unload the least recently used idle adapters past max_adapters_per_replica."""

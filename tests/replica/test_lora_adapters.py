@@ -32,7 +32,7 @@ class FakeEngine:
         self.calls.append(f"unload {name}")
 
 
-def manager(tmp_path: Path, engine: FakeEngine, names=("a", "b", "c"), **lora) -> AdapterManager:
+def manager(tmp_path: Path, engine: FakeEngine, names=("a", "b", "c"), list_fn=None, **lora) -> AdapterManager:
     for name in names:
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "adapter_config.json").write_text('{"r": 8}')
@@ -41,7 +41,8 @@ def manager(tmp_path: Path, engine: FakeEngine, names=("a", "b", "c"), **lora) -
         "scaling_config": {"num_gpus_per_worker": 0},
         "lora_config": {"adapters": [{"name": n, "source": str(tmp_path / n)} for n in names],
                         "max_lora_rank": 8, "max_adapters_per_replica": 2, "load_retries": 1, **lora}})
-    return AdapterManager(config, engine, metric=Recorder())
+    extra = {"list_fn": list_fn} if list_fn is not None else {}
+    return AdapterManager(config, engine, metric=Recorder(), **extra)
 
 
 async def use(adapters: AdapterManager, adapter: str) -> None:
@@ -143,3 +144,15 @@ def test_tokens_are_counted_per_adapter(tmp_path):
     values = adapters._metric.values
     assert values["rayllm_lora_requests_total"] == [1]
     assert values["rayllm_lora_prompt_tokens_total"] == [5] and values["rayllm_lora_generation_tokens_total"] == [7]
+
+
+def test_a_named_adapter_loads_without_listing_the_dynamic_path(tmp_path):
+    def listing_down(config):
+        raise RuntimeError("S3 is unreachable")
+
+    async def main() -> None:
+        adapters = manager(tmp_path, FakeEngine(), list_fn=listing_down)
+        await use(adapters, "base:a")  # its source is in the model file
+        assert adapters.held() == ["base:a"]
+
+    asyncio.run(main())
