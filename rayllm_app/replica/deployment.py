@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from rayllm_app.config import ModelConfig, parse_model_config
+from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import ModelMetrics, status_of
 from rayllm_app.replica.engine_guard import start_guard
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
@@ -106,6 +107,7 @@ class ModelServer:
         the channel's ticket is yielded, and the bytes go on the channel (see stream_channel):
         the Reply from here, the rest straight from vLLM's application as it writes them.
         """
+        hop_trace.mark("replica.call")
         server = await self._channel_server() if channel is not None else None
         if server is None:
             async with contextlib.aclosing(self._serve(request)) as items:

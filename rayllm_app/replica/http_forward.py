@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayllm_app.observability import hop_trace
+
 # Request headers the replica's application may need; authentication, cookies and hop
 # headers stay with the router.
 FORWARDED_HEADERS = ("content-type", "accept", "anthropic-version", "anthropic-beta")
@@ -106,6 +108,7 @@ async def call_asgi(app: Any, request: ForwardedRequest,
             raise
         messages.put_nowait(None)
 
+    hop_trace.mark("replica.app")
     task = asyncio.ensure_future(run())
     try:
         start = await _next(messages)
@@ -125,6 +128,7 @@ async def call_asgi(app: Any, request: ForwardedRequest,
             body += chunk
             if stream and body:
                 break
+        hop_trace.mark("replica.reply")
         yield Reply(head.status_code, bytes(body), headers)
         if more and sink is not None:
             while more and not messages.empty():  # what came meanwhile goes first, in order

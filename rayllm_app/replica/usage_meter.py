@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from rayllm_app.observability import hop_trace
 from rayllm_app.replica.http_forward import Usage
 
 REQUEST_USAGE: ContextVar[Usage | None] = ContextVar("rayllm_request_usage", default=None)
@@ -24,6 +25,7 @@ def _metered_generate(generate: Callable[..., AsyncIterator[Any]]) -> Callable[.
     @functools.wraps(generate)
     async def metered(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         usage = REQUEST_USAGE.get()
+        hop_trace.mark("replica.engine")
         outputs = generate(prompt, sampling_params, *args, **kwargs)
         if usage is None:
             async for output in outputs:
@@ -36,6 +38,7 @@ def _metered_generate(generate: Callable[..., AsyncIterator[Any]]) -> Callable[.
         try:
             async for output in outputs:
                 if not prompt_counted and output.prompt_token_ids is not None:
+                    hop_trace.mark("replica.first_output")
                     usage.prompt_tokens += len(output.prompt_token_ids)
                     prompt_counted = True
                 for completion in output.outputs:

@@ -33,6 +33,7 @@ from rayllm_app.errors import (
     RequestTimeoutError,
     ResponseNotFoundError,
 )
+from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import collect_prometheus_text
 from rayllm_app.config.key_config import PRIORITY_VALUES
 from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply, Usage
@@ -341,6 +342,7 @@ class Router:
 
     async def _forward(self, request: Request) -> Response:
         """Route a request by its body's ``model`` to that model's replicas."""
+        hop_trace.mark("router.forward")
         caller = self._caller(request)
         timeout = self._timeout(request)
         path = request.scope["route"].path  # without the application's route prefix

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from rayllm_app.errors import error_body
+from rayllm_app.observability import hop_trace
 
 access_log = logging.getLogger("rayllm.access")
 request_id_var: ContextVar[str] = ContextVar("rayllm_request_id", default="")
@@ -59,6 +60,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        hop_trace.mark("router.app")
         request_id = current_request_id(scope)
         request_id_var.set(request_id)
         request_model_var.set(None)

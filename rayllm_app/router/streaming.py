@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayllm_app.errors import EngineError, OpenAIError, RequestTimeoutError
+from rayllm_app.observability import hop_trace
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
 from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
 from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, translate_serve_error, watch_call
@@ -88,6 +89,7 @@ class Streams:
                     sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
         """Start the streaming call and wait for its first item (ticket or Reply)."""
         args = (forwarded, sub.request) if sub is not None else (forwarded,)
+        hop_trace.mark("router.call")
         stream = handle.streaming.remote(*args)
         first_item = self._through_cold_start(model, stream.__anext__())
         return stream, await first_of(stream, first_item, model, timeout)
@@ -109,6 +111,7 @@ class Streams:
                                 limit=max(deadline - loop.time(), 0) if deadline else None)
         if first is None:
             raise EngineError(f"Model '{model}' ended the stream without output.")
+        hop_trace.mark("router.first_frame")
         return first
 
     async def _relay_channel(self, first: bytes, started: StartedStream, model: str, deadline: float | None,
@@ -121,6 +124,7 @@ class Streams:
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
         try:
+            hop_trace.mark("router.first_chunk")
             yield first
             while (chunk := await sub.get()) is not None:
                 if isinstance(chunk, bytes):
