@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -47,7 +47,6 @@ from rayllm_app.router.middleware import set_request_model
 from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
-from rayllm_app.router.relay_response import RelayResponse
 from rayllm_app.router.streaming import Streams
 from rayllm_app.router.protocol import (
     ENDPOINT_CAPABILITIES,
@@ -474,6 +473,6 @@ class Router:
             started.close()
             done(first.usage, first.status_code)
             return _reply(first, extra)
-        return RelayResponse(self.streams.relay(started, model, deadline, timeout, done),
-                             headers={**first.headers, **SSE_HEADERS, **extra},
-                             media_type=first.headers.get("content-type"))
+        return StreamingResponse(self.streams.relay(started, model, deadline, timeout, done),
+                                 headers={**first.headers, **SSE_HEADERS, **extra},
+                                 media_type=first.headers.get("content-type"))
