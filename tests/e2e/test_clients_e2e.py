@@ -128,6 +128,14 @@ def test_anthropic_messages_create(served_app, bare_vllm):
            ("max_tokens", bare.usage.input_tokens, 16)
 
 
+def _event_kinds(events: list[str]) -> list[str]:
+    kinds: list[str] = []
+    for event in events:
+        if event != "text" and not (kinds and event == kinds[-1] == "content_block_delta"):
+            kinds.append(event)
+    return kinds
+
+
 def _anthropic_stream(client) -> tuple[str, object, list[str]]:
     with client.messages.stream(**ANTHROPIC_ARGS) as stream:
         events = [event.type for event in stream]
@@ -143,7 +151,10 @@ def test_anthropic_messages_stream(served_app, bare_vllm):
     assert (final.stop_reason, final.usage.output_tokens) == (bare_final.stop_reason, bare_final.usage.output_tokens)
     assert final.usage.output_tokens == 16
     assert events[0] == "message_start" and events[-1] == "message_stop"
-    assert [e for e in events if e != "text"] == [e for e in bare_events if e != "text"]
+    # The same events in the same order. How many content_block_delta events carry the text
+    # depends on how many tokens each engine output held, which is timing (a clean-clone CI run
+    # saw 8 against bare's 7 for the same text): runs of deltas count as one.
+    assert _event_kinds(events) == _event_kinds(bare_events)
     # The plain stream=True form, read event by event.
     raw = _anthropic(served_app.root_url, served_app.api_key).messages.create(**ANTHROPIC_ARGS, stream=True)
     deltas = "".join(e.delta.text for e in raw if e.type == "content_block_delta" and e.delta.type == "text_delta")
