@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rayllm_app.bench.report import percentile  # noqa: E402
 from rayllm_app.observability.hop_trace import HOPS  # noqa: E402
 
 CLIENT_SENT, CLIENT_FIRST = "client.sent", "client.first_bytes"
@@ -78,13 +78,8 @@ def hops_of(marks: list[tuple[float, str]], windows: list[tuple[float, float]]) 
     return hops
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
-
-
 def summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50": round(statistics.median(values), 3), "p90": round(percentile(values, 0.9), 3)}
+    return {"n": len(values), "p50": round(percentile(values, 50), 3), "p90": round(percentile(values, 90), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
