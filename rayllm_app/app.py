@@ -70,6 +70,7 @@ def model_spec(config: ModelConfig) -> dict[str, Any]:
         "default_max_tokens": config.engine_config.generation.sampling_defaults().get("max_tokens"),
         "max_num_seqs": config.engine_config.engine_kwargs.get("max_num_seqs"),
         "idle_sleep": config.deployment_config.idle_sleep is not None,
+        "migration_limit": config.deployment_config.migration_limit,
     }
 
 

@@ -90,6 +90,18 @@ class ModelUnavailableError(OpenAIError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class ReplicaFailedError(ModelUnavailableError):
+    """The replica running a request died, stalled or lost its engine: the router resumes the
+    request on another replica (see rayllm_app.router.migration) until the model's
+    migration_limit, then answers with this error."""
+
+    default_code = "replica_failed"
+
+    def __init__(self, message: str, *, cause: str = "replica_died") -> None:
+        super().__init__(message)
+        self.cause = cause  # a metric label: replica_died, channel_closed, engine_died, stalled, not_resumable
+
+
 class RequestTimeoutError(OpenAIError):
     status_code = 504
     error_type = "timeout"

@@ -157,6 +157,13 @@ class DeploymentConfig(StrictModel):
         "(or for a sleeping replica to wake).")
     idle_sleep: IdleSleepConfig | None = Field(
         None, description="Put an idle replica's engine to sleep (GPUs only); a request wakes it.")
+    migration_limit: int = Field(
+        3, ge=0, description="How many times one request may move to another replica after its replica "
+        "died, stalled or lost its engine (streams resume token-exact); past it the client gets the error. "
+        "0 turns migration off.")
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="A replica whose engine makes no step for this long while requests wait "
+        "fails its health check and is replaced; its requests move to another replica.")
 
     @model_validator(mode="before")
     @classmethod

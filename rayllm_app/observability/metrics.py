@@ -91,6 +91,12 @@ METRICS: dict[str, tuple] = {
                                  ("model", "adapter"), [0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]),
     "rayllm_lora_load_seconds_total": (
         "counter", "Seconds spent fetching and loading adapters, summed exactly.", ("model", "adapter")),
+    # Streams and requests resumed on another replica (rayllm_app.router.migration), by the router.
+    "rayllm_migrations_total": (
+        "counter", "Requests moved to another replica after theirs failed, by cause (replica_died, "
+        "channel_closed, engine_died, stalled).", ("model", "cause")),
+    "rayllm_migration_reprefill_tokens_total": (
+        "counter", "Generated tokens prefilled again by the replica that resumed a stream.", ("model",)),
     # Usage per API key *name* (never the key), counted by the router from the engine's counts.
     "rayllm_key_requests_total": (
         "counter", "Requests per API key name and model, by HTTP status; key=anonymous when "
@@ -241,6 +247,17 @@ def record_rate_limited(key: str, model: str, limit: str) -> None:
         logger.exception("recording rate-limit metrics failed")
 
 
+def record_migration(model: str, cause: str, reprefilled_tokens: int) -> None:
+    """One request resumed on another replica (``model`` is a served model id). Never raises."""
+    try:
+        ray_metric("rayllm_migrations_total").inc(1, tags=_tags(model, cause, keys=("model", "cause")))
+        if reprefilled_tokens:
+            ray_metric("rayllm_migration_reprefill_tokens_total").inc(
+                reprefilled_tokens, tags=_tags(model, keys=("model",)))
+    except Exception:  # noqa: BLE001
+        logger.exception("recording migration metrics failed")
+
+
 def record_router_request(model: str | None, status: int) -> None:
     """Count a request the router answered itself, without a replica's reply.
 
@@ -313,8 +330,10 @@ class EngineStats:
             gauge.set(0, tags=self.tags)
 
 
-def engine_stat_logger_factory(model_id: str, metric: Callable[[str], Any] = ray_metric) -> Callable[..., Any]:
-    """A vLLM per-engine stat logger factory, for ``AsyncLLM(..., stat_loggers=[factory])``.
+def engine_stat_logger_factory(model_id: str, metric: Callable[[str], Any] = ray_metric,
+                               on_step: Callable[[], None] = lambda: None) -> Callable[..., Any]:
+    """A vLLM per-engine stat logger factory, for ``AsyncLLM(..., stat_loggers=[factory])``;
+    ``on_step`` is called once per engine step (rayllm_app.replica.stall_watch).
 
     vLLM keeps its own default loggers beside it. Imports vLLM, so call it only where vLLM is.
     """
@@ -327,6 +346,7 @@ def engine_stat_logger_factory(model_id: str, metric: Callable[[str], Any] = ray
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                    engine_idx: int = 0) -> None:
+            on_step()
             try:
                 self.stats.record(scheduler_stats, iteration_stats)
             except Exception:  # noqa: BLE001 - a metrics failure must not kill the engine loop

@@ -16,13 +16,15 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from rayllm_app.config import ModelConfig, parse_model_config
+from rayllm_app.errors import ReplicaFailedError
 from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import ModelMetrics, status_of
 from rayllm_app.replica.engine_guard import start_guard
-from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
+from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Sink, Usage
 from rayllm_app.replica.idle_sleep import IdleSleep
 from rayllm_app.replica.lora_adapters import AdapterManager
 from rayllm_app.replica.request_defaults import RequestDefaults
+from rayllm_app.replica.resume import STREAM_TOKENS, ResumeRequest, StreamTokens
 from rayllm_app.replica.stream_channel import (
     ChannelRequest,
     ReplicaChannelServer,
@@ -54,6 +56,8 @@ class ModelServer:
         self.metrics = ModelMetrics(self.config.model_id)
         self._guard = start_guard(self.engine.child_pids())  # the engine dies with this replica
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
+        self._pumps: set[asyncio.Task] = set()         # channel streams in flight
+        self._failed_pumps: set[asyncio.Task] = set()  # cancelled because the engine stalled
         self.idle_sleep = self._start_idle_sleep()
         if self.config.lora_config is not None:
             from rayllm_app.observability.metrics import ray_metric
@@ -98,14 +102,16 @@ class ModelServer:
         assert reply is not None
         return Reply(reply.status_code, bytes(body), reply.headers, usage)
 
-    async def forward_stream(self, request: ForwardedRequest, channel: ChannelRequest | None = None
-                             ) -> AsyncIterator[Reply | bytes | Usage | Ticket]:
+    async def forward_stream(self, request: ForwardedRequest, channel: ChannelRequest | None = None,
+                             resume: ResumeRequest | None = None) -> AsyncIterator[Reply | bytes | Usage | Ticket]:
         """The answer as it is produced: its Reply (status, headers, first bytes), then bytes,
         then its Usage.
 
         Over Ray, every item is yielded. When the router asked for the stream channel, only
         the channel's ticket is yielded, and the bytes go on the channel (see stream_channel):
         the Reply from here, the rest straight from vLLM's application as it writes them.
+        A channel stream the router asked to track carries each chunk's token ids, and
+        ``resume`` continues a stream that broke on another replica (rayllm_app.replica.resume).
         """
         hop_trace.mark("replica.call")
         server = await self._channel_server() if channel is not None else None
@@ -115,27 +121,42 @@ class ModelServer:
                     yield item
             return
         send = functools.partial(server.send, channel)
+        tracker = None
+        if channel.track or resume is not None:
+            engine = self.engine
+            tracker = StreamTokens(resume, engine.tokenizer(), lambda: engine.errored)
         # The engine starts on the request now, while the ticket travels back over Ray (the
         # channel holds frames until the router connects): prefill does not wait for it.
-        pump = asyncio.ensure_future(_pump(self._serve(request, sink=send), send, server, channel))
+        pump = asyncio.ensure_future(_pump(self._serve(request, send, tracker), send, server, channel))
+        self._pumps.add(pump)
         try:
             yield server.ticket
-            await pump  # cancelling this call cancels the pump, which aborts the engine request
+            try:
+                await pump  # cancelling this call cancels the pump, which aborts the engine request
+            except asyncio.CancelledError:
+                if pump in self._failed_pumps and not asyncio.current_task().cancelling():
+                    raise ReplicaFailedError(f"The engine of model '{self.config.model_id}' stopped or stalled; "
+                                             "this replica is being replaced.", cause="stalled") from None
+                raise
         finally:
+            self._pumps.discard(pump)
+            self._failed_pumps.discard(pump)
             if not pump.done():
                 pump.cancel()
                 await asyncio.wait([pump])
 
-    async def _serve(self, request: ForwardedRequest, sink: Callable[[bytes], None] | None = None
-                     ) -> AsyncIterator[Reply | bytes | Usage]:
+    async def _serve(self, request: ForwardedRequest, sink: Sink | None = None,
+                     tracker: StreamTokens | None = None) -> AsyncIterator[Reply | bytes | Usage]:
         """vLLM's answer to one request, counted in the replica's request metrics, and last
         the tokens it used (an answer cut short yields none); with a sink, a stream's bytes
-        after its Reply go to the sink (see call_asgi)."""
+        after its Reply go to the sink (see call_asgi), with their token ids when ``tracker``
+        follows the stream."""
         if self.defaults.active:
             request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
         timer = self.metrics.start()
         usage = Usage()
         REQUEST_USAGE.set(usage)  # vLLM's handler tasks, started below, inherit it
+        STREAM_TOKENS.set(tracker)
         sleeper = self.idle_sleep
         if sleeper is not None:
             try:
@@ -158,15 +179,18 @@ class ModelServer:
             if chunk.startswith(b'data: {"error"'):
                 timer.status = 500  # failed after the stream began; the client saw a 200
 
-        def metered(chunk: bytes) -> None:
+        def metered(chunk: bytes, tokens: list[int] | None) -> None:
             watch(chunk)
-            sink(chunk)
+            sink(chunk, tokens)
 
-        items = self.engine.handle(request, metered if sink is not None else None)
+        items = self.engine.handle(request, metered if sink is not None else None,
+                                   tracker.app if tracker is not None else None)
         try:
             async for item in items:
                 if isinstance(item, Reply):
                     timer.status = item.status_code
+                    if tracker is not None and tracker.tracking and item.tokens is None:
+                        item = dataclasses.replace(item, tokens=())  # tracked, no ids in its first bytes
                 else:
                     watch(item)
                 yield item
@@ -212,8 +236,18 @@ class ModelServer:
         return {"adapters": self.adapters.held(), "adapter_loads": dict(self.adapters.loads)}
 
     async def check_health(self) -> None:
-        """Ray Serve calls this periodically: a dead engine makes the replica unhealthy."""
-        await self.engine.check_health()
+        """Ray Serve calls this periodically: a dead or stalled engine makes the replica
+        unhealthy. A stalled engine's streams fail at once, so the router resumes them on
+        another replica instead of waiting for Serve to replace this one."""
+        try:
+            await self.engine.check_health()
+        except BaseException:
+            if self._pumps:
+                logger.error("Failing %d streams of %s: its engine is unhealthy", len(self._pumps), self.config.model_id)
+                self._failed_pumps.update(self._pumps)
+                for pump in list(self._pumps):
+                    pump.cancel()
+            raise
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rayllm_app.config import ModelConfig
-from rayllm_app.replica.http_forward import ForwardedRequest, Reply, call_asgi
+from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Sink, call_asgi
+from rayllm_app.replica.stall_watch import EngineProgress
 from rayllm_app.replica.usage_meter import meter_engine
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class VLLMEngine:
         self.model_id = model_id
         self.app = app
         self._stats_task: asyncio.Task | None = None
+        self.progress: EngineProgress | None = None
 
     @classmethod
     async def start(cls, config: ModelConfig, model_path: str) -> VLLMEngine:
@@ -98,14 +100,15 @@ class VLLMEngine:
         logger.info("Starting vLLM for %s from %s", config.model_id, model_path)
         # Our stat logger feeds the rayllm_ engine metrics; vLLM keeps its log line, and its
         # Prometheus logger, which nothing reads here, is dropped.
-        stat_loggers = [engine_stat_logger_factory(config.model_id)]
+        progress = EngineProgress(config.deployment_config.stall_timeout_s)
+        stat_loggers = [engine_stat_logger_factory(config.model_id, on_step=progress.step)]
         # As an OpenAI server, take `vllm serve`'s batch defaults: AsyncLLM's own default
         # (the engine context) caps every GPU at 128 running sequences and 2,048 batched
         # tokens, where `vllm serve` allows 256 (1,024 and 8,192 on H100-class GPUs).
         engine = AsyncLLM.from_engine_args(
             args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers)
         _drop_unread_prometheus_logger(engine)
-        meter_engine(engine)  # each request's tokens, for the router's budgets
+        meter_engine(engine, progress.submitted)  # each request's tokens, for the router's budgets
         try:
             app = await build_openai_app(engine, {**kwargs, **config.engine_config.vllm_frontend_kwargs()})
         except BaseException:
@@ -116,14 +119,20 @@ class VLLMEngine:
                 and "max_new_tokens" not in explicit:
             _max_tokens_as_default(app)
         served = cls(engine, config.model_id, app)
+        served.progress = progress
         if not kwargs.get("disable_log_stats"):
             served._stats_task = asyncio.ensure_future(served._log_stats())
         return served
 
-    def handle(self, request: ForwardedRequest, sink: Callable[[bytes], None] | None = None
-               ) -> AsyncIterator[Reply | bytes]:
-        """Serve one forwarded HTTP request with vLLM's OpenAI application (see call_asgi)."""
-        return call_asgi(self.app, request, sink)
+    def handle(self, request: ForwardedRequest, sink: Sink | None = None,
+               wrap: Callable[[Any], Any] | None = None) -> AsyncIterator[Reply | bytes]:
+        """Serve one forwarded HTTP request with vLLM's OpenAI application (see call_asgi),
+        through ``wrap`` (an ASGI middleware for this one request) when given."""
+        return call_asgi(self.app if wrap is None else wrap(self.app), request, sink)
+
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (None when the engine runs without one)."""
+        return getattr(self._engine, "tokenizer", None)
 
     async def _log_stats(self) -> None:
         """vLLM's periodic throughput line ("Avg prompt throughput ..."), as `vllm serve`'s
@@ -136,7 +145,13 @@ class VLLMEngine:
                 logger.debug("do_log_stats failed", exc_info=True)
 
     async def check_health(self) -> None:
+        """vLLM's check (the engine core is alive), and ours: it makes steps while requests wait."""
         await self._engine.check_health()
+        unfinished = self.num_unfinished_requests()
+        stalled = self.progress.stalled(unfinished) if self.progress is not None else None
+        if stalled is not None:
+            raise RuntimeError(f"The engine made no step for {stalled:.0f} s with {unfinished} requests in it "
+                               "(deployment_config.stall_timeout_s): replacing this replica.")
 
     async def sleep(self, level: int) -> None:
         """vLLM's sleep mode: level 1 moves the weights to CPU memory and drops the KV cache,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayllm_app.observability import hop_trace
+from rayllm_app.replica.resume import TOKENS_KEY
 
 # Request headers the replica's application may need; authentication, cookies and hop
 # headers stay with the router.
@@ -56,14 +57,19 @@ class Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     usage: Usage | None = None
+    # A tracked stream (rayllm_app.replica.resume): the token ids the body's text stands for;
+    # None when the stream is not tracked (it cannot be resumed elsewhere).
+    tokens: tuple[int, ...] | None = None
 
     @property
     def is_stream(self) -> bool:
         return self.headers.get("content-type", "").startswith("text/event-stream")
 
 
-async def call_asgi(app: Any, request: ForwardedRequest,
-                    sink: Callable[[bytes], None] | None = None) -> AsyncIterator[Reply | bytes]:
+Sink = Callable[[bytes, "list[int] | None"], None]  # a stream's bytes, and the token ids they carry
+
+
+async def call_asgi(app: Any, request: ForwardedRequest, sink: Sink | None = None) -> AsyncIterator[Reply | bytes]:
     """Run one request through an ASGI application in this process.
 
     Yields one :class:`Reply`, then, when the answer is an event stream, its further bytes
@@ -71,8 +77,9 @@ async def call_asgi(app: Any, request: ForwardedRequest,
     Reply holds its first bytes, so a failure before any output keeps its HTTP status.
 
     With a ``sink``, a stream's further bytes go to it straight from the application's
-    ``send`` (no queue, no task switch per token: the replica's hot path) and the generator
-    yields only the Reply, returning when the stream ends.
+    ``send`` (no queue, no task switch per token: the replica's hot path), with the token ids
+    a tracked stream attached to them (rayllm_app.replica.resume), and the generator yields
+    only the Reply, returning when the stream ends.
 
     Closing the generator (the client went away, the call was cancelled) reports a
     disconnect to the application, which aborts the engine request, and cancels what is left
@@ -81,7 +88,7 @@ async def call_asgi(app: Any, request: ForwardedRequest,
     messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
     disconnected = asyncio.Event()
     body_sent = False
-    direct: Callable[[bytes], None] | None = None  # the sink, once the Reply has gone out
+    direct: Sink | None = None  # the sink, once the Reply has gone out
 
     async def receive() -> dict[str, Any]:
         nonlocal body_sent
@@ -94,7 +101,7 @@ async def call_asgi(app: Any, request: ForwardedRequest,
     async def send(message: dict[str, Any]) -> None:
         if direct is not None and message["type"] == "http.response.body":
             if chunk := message.get("body", b""):
-                direct(chunk)
+                direct(chunk, message.get(TOKENS_KEY))
             if not message.get("more_body", False):
                 messages.put_nowait(None)
             return
@@ -122,22 +129,24 @@ async def call_asgi(app: Any, request: ForwardedRequest,
         head = Reply(start["status"], b"", headers)
         stream = head.is_stream and head.status_code == 200
         body = bytearray()
+        tokens: list[int] = []
         more = True
         while more:
-            chunk, more = await _body(messages)
+            chunk, more, ids = await _body(messages)
             body += chunk
+            tokens += ids or ()
             if stream and body:
                 break
         hop_trace.mark("replica.reply")
-        yield Reply(head.status_code, bytes(body), headers)
+        yield Reply(head.status_code, bytes(body), headers, tokens=tuple(tokens) if tokens else None)
         if more and sink is not None:
             while more and not messages.empty():  # what came meanwhile goes first, in order
-                chunk, more = await _body(messages)
+                chunk, more, ids = await _body(messages)
                 if chunk:
-                    sink(chunk)
+                    sink(chunk, ids)
             direct = sink
         while more:
-            chunk, more = await _body(messages)
+            chunk, more, _ = await _body(messages)
             if chunk:
                 yield chunk
     finally:
@@ -152,14 +161,15 @@ async def call_asgi(app: Any, request: ForwardedRequest,
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _body(messages: asyncio.Queue) -> tuple[bytes, bool]:
-    """The next body bytes and whether more follow; (b"", False) at the application's end."""
+async def _body(messages: asyncio.Queue) -> tuple[bytes, bool, list[int] | None]:
+    """The next body bytes, whether more follow, and the token ids they carry; (b"", False,
+    None) at the application's end."""
     while True:
         message = await _next(messages)
         if message is None:
-            return b"", False
+            return b"", False, None
         if message.get("type") == "http.response.body":
-            return message.get("body", b""), bool(message.get("more_body", False))
+            return message.get("body", b""), bool(message.get("more_body", False)), message.get(TOKENS_KEY)
 
 
 async def _next(messages: asyncio.Queue) -> dict[str, Any] | None:

@@ -15,7 +15,10 @@ passes over Ray, never over the channel's network.
 
 Wire format: the router opens with ``HELLO + router id``; the replica then sends frames
 ``stream id (u64) | kind (u8) | length (u32) | payload``. An END frame's payload is the
-stream's usage (prompt and completion tokens, two u32), or empty when it has none.
+stream's usage (prompt and completion tokens, two u32), or empty when it has none. A
+TOKENS frame is a DATA frame of a tracked stream (rayllm_app.replica.resume): ``count (u32) |
+token ids (count x u32, little-endian) | bytes``, one frame, so the router never holds ids
+without their text or text without its ids.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import json
 import logging
 import os
 import struct
+import sys
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +42,7 @@ logger = logging.getLogger(__name__)
 HELLO = b"RAYLLM-STREAM/2\n"
 ROUTER_ID_BYTES = 16
 FRAME = struct.Struct("!QBI")
-DATA, REPLY, END = 0, 1, 2
+DATA, REPLY, END, TOKENS = 0, 1, 2, 3
 HOST_ENV = "RAYLLM_STREAM_CHANNEL_HOST"
 CONNECT_TIMEOUT_S = 3.0
 UNCLAIMED_TIMEOUT_S = 30.0  # a router that never connects: its streams fail after this
@@ -50,6 +55,7 @@ class ChannelRequest:
 
     router_id: bytes
     stream_id: int
+    track: bool = False  # send the token ids of each chunk, so the stream can be resumed elsewhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +72,40 @@ class ChannelClosed(ConnectionError):
 
 _HEAD_LENGTH = struct.Struct("!I")
 _USAGE = struct.Struct("!II")
+_COUNT = struct.Struct("!I")
+
+
+def _token_bytes(tokens: list[int]) -> bytes:
+    ids = array("I", tokens)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids.tobytes()
+
+
+def _token_ids(raw: bytes | bytearray) -> array:
+    ids = array("I")
+    ids.frombytes(raw)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids
 
 
 def _encode_reply(reply: Reply) -> bytes:
-    """A REPLY frame's payload: the length of the JSON head (status, headers), the head, the body."""
-    head = json.dumps({"status": reply.status_code, "headers": reply.headers}).encode()
-    return _HEAD_LENGTH.pack(len(head)) + head + reply.body
+    """A REPLY frame's payload: the length of the JSON head (status, headers, token ids of a
+    tracked stream), the head, the body."""
+    head = {"status": reply.status_code, "headers": reply.headers}
+    if reply.tokens is not None:
+        head["tokens"] = list(reply.tokens)
+    encoded = json.dumps(head).encode()
+    return _HEAD_LENGTH.pack(len(encoded)) + encoded + reply.body
 
 
 def _decode_reply(payload: bytes) -> Reply:
     (length,) = _HEAD_LENGTH.unpack_from(payload)
     fields = json.loads(payload[_HEAD_LENGTH.size:_HEAD_LENGTH.size + length])
-    return Reply(fields["status"], payload[_HEAD_LENGTH.size + length:], fields["headers"])
+    tokens = fields.get("tokens")
+    return Reply(fields["status"], payload[_HEAD_LENGTH.size + length:], fields["headers"],
+                 tokens=tuple(tokens) if tokens is not None else None)
 
 
 # ------------------------------------------------------------------- the replica's side
@@ -186,9 +214,12 @@ class ReplicaChannelServer:
             peer.closed = True
             del self._peers[router_id]
 
-    def send(self, request: ChannelRequest, item: bytes | Reply) -> None:
+    def send(self, request: ChannelRequest, item: bytes | Reply, tokens: list[int] | None = None) -> None:
         if isinstance(item, Reply):
             self._peer(request.router_id).write(request.stream_id, REPLY, _encode_reply(item))
+        elif tokens:
+            self._peer(request.router_id).write(
+                request.stream_id, TOKENS, _COUNT.pack(len(tokens)) + _token_bytes(tokens) + item)
         else:
             self._peer(request.router_id).write(request.stream_id, DATA, item)
 
@@ -217,7 +248,7 @@ def _node_ip() -> str:
 class Subscription:
     """One stream's frames as the router receives them, in order."""
 
-    __slots__ = ("request", "items", "waiter", "ended", "error", "connection", "watcher", "usage")
+    __slots__ = ("request", "items", "waiter", "ended", "error", "connection", "watcher", "usage", "tokens")
 
     def __init__(self, request: ChannelRequest) -> None:
         self.request = request
@@ -228,6 +259,9 @@ class Subscription:
         self.connection: _RouterProtocol | None = None
         self.watcher: asyncio.Future | None = None
         self.usage: Usage | None = None  # from the END frame
+        # A tracked stream's token ids, for every chunk received (and so relayed); None until
+        # the replica's Reply says the stream is tracked.
+        self.tokens: array | None = None
 
     def watch(self, coroutine: Any) -> None:
         """Run a task for as long as the stream is open (cancelled when it closes)."""
@@ -239,7 +273,19 @@ class Subscription:
             waiter.set_result(None)
 
     def push(self, item: bytes | Reply) -> None:
+        if type(item) is Reply and item.tokens is not None:
+            self.tokens = array("I", item.tokens)
         self.items.append(item)
+        self._wake()
+
+    def push_tracked(self, buffer: bytearray, start: int, end: int) -> None:
+        """A TOKENS frame's payload (``buffer[start:end]``): its ids, then its bytes."""
+        (count,) = _COUNT.unpack_from(buffer, start)
+        ids_end = start + _COUNT.size + 4 * count
+        if self.tokens is None:
+            self.tokens = array("I")
+        self.tokens += _token_ids(buffer[start + _COUNT.size:ids_end])
+        self.items.append(bytes(buffer[ids_end:end]))
         self._wake()
 
     def end(self, usage: Usage | None = None) -> None:
@@ -303,6 +349,8 @@ class _RouterProtocol(asyncio.Protocol):
             if sub is not None:
                 if kind == DATA:
                     sub.push(bytes(buffer[offset + header:end]))
+                elif kind == TOKENS:
+                    sub.push_tracked(buffer, offset + header, end)
                 elif kind == END:
                     sub.end(Usage(*_USAGE.unpack_from(buffer, offset + header)) if length == _USAGE.size
                             else None)
@@ -332,9 +380,9 @@ class RouterChannels:
         self._connections: dict[tuple[str, int], asyncio.Future[_RouterProtocol]] = {}
         self._unreachable: dict[tuple[str, int], float] = {}
 
-    def open(self) -> Subscription:
+    def open(self, track: bool = False) -> Subscription:
         """A new stream, registered before its call goes out so no frame is missed."""
-        sub = Subscription(ChannelRequest(self.router_id, next(self._ids)))
+        sub = Subscription(ChannelRequest(self.router_id, next(self._ids), track))
         self._subs[sub.request.stream_id] = sub
         return sub
 

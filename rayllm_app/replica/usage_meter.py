@@ -17,16 +17,24 @@ from typing import Any
 
 from rayllm_app.observability import hop_trace
 from rayllm_app.replica.http_forward import Usage
+from rayllm_app.replica.resume import STREAM_TOKENS
 
 REQUEST_USAGE: ContextVar[Usage | None] = ContextVar("rayllm_request_usage", default=None)
 
 
-def _metered_generate(generate: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _metered_generate(generate: Callable[..., AsyncIterator[Any]],
+                      on_submit: Callable[[], None]) -> Callable[..., AsyncIterator[Any]]:
     @functools.wraps(generate)
     async def metered(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         usage = REQUEST_USAGE.get()
         hop_trace.mark("replica.engine")
+        on_submit()
+        tokens = STREAM_TOKENS.get()  # a stream the router may resume elsewhere (rayllm_app.replica.resume)
+        if tokens is not None:
+            prompt, sampling_params = tokens.prepare(prompt, sampling_params)
         outputs = generate(prompt, sampling_params, *args, **kwargs)
+        if tokens is not None and tokens.tracking:
+            outputs = tokens.follow(outputs)
         if usage is None:
             async for output in outputs:
                 yield output
@@ -70,8 +78,9 @@ def _metered_encode(encode: Callable[..., AsyncIterator[Any]]) -> Callable[..., 
     return metered
 
 
-def meter_engine(engine: Any) -> None:
+def meter_engine(engine: Any, on_submit: Callable[[], None] = lambda: None) -> None:
     """Count every request's tokens on this engine client (instance attributes shadow the
-    class's methods, and vLLM's serving classes look them up on each call)."""
-    engine.generate = _metered_generate(engine.generate)
+    class's methods, and vLLM's serving classes look them up on each call); ``on_submit`` is
+    told of every generate request (rayllm_app.replica.stall_watch)."""
+    engine.generate = _metered_generate(engine.generate, on_submit)
     engine.encode = _metered_encode(engine.encode)

@@ -34,7 +34,7 @@ from rayllm_app.errors import (
     ResponseNotFoundError,
 )
 from rayllm_app.observability import hop_trace
-from rayllm_app.observability.metrics import collect_prometheus_text
+from rayllm_app.observability.metrics import collect_prometheus_text, record_migration
 from rayllm_app.config.key_config import PRIORITY_VALUES
 from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply, Usage
 from rayllm_app.replica.sleep_registry import sleep_command
@@ -44,6 +44,7 @@ from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
 from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
 from rayllm_app.router.http_errors import error_response, install_error_handlers, install_middleware
 from rayllm_app.router.middleware import set_request_model
+from rayllm_app.router.migration import retryable, trackable
 from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
@@ -371,7 +372,8 @@ class Router:
         except BaseException:
             self.budgets.settle(admission, None, 400)
             raise
-        return await self._dispatch(forwarded, model, peek.stream, handle, timeout, admission)
+        track = self.channels is not None and trackable(path, peek.data)
+        return await self._dispatch(forwarded, model, peek.stream, handle, timeout, admission, track)
 
     def _capacity(self, model: str) -> int | None:
         """This router's share of what the model's running replicas take before Serve queues
@@ -430,40 +432,57 @@ class Router:
         return response or error_response(ResponseNotFoundError(response_id), None)
 
     async def _dispatch(self, forwarded: ForwardedRequest, model: str, stream: bool, handle: ModelCalls,
-                        timeout: float | None, admission: Admission | None = None) -> Response:
+                        timeout: float | None, admission: Admission | None = None, track: bool = False) -> Response:
+        """Call the model and answer the client. A request whose replica fails before the
+        client has any of its bytes goes to another replica, and a tracked stream resumes
+        there mid-stream (rayllm_app.router.migration), up to the model's migration_limit."""
         def done(usage: Usage | None, status: int) -> None:
             if admission is not None:
                 self.budgets.settle(admission, usage, status)
 
         extra = admission.headers if admission is not None else {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        limit = self.status.specs[model].migration_limit
+        attempts = 0
         if not stream:
-            response = handle.unary.remote(forwarded)
-            call = self._through_cold_start(model, response)
+            while True:
+                response = handle.unary.remote(forwarded)
+                call = self._through_cold_start(model, response)
+                try:
+                    result = await (asyncio.wait_for(call, max(deadline - loop.time(), 0)) if deadline else call)
+                except asyncio.TimeoutError:
+                    response.cancel()  # aborts the engine request
+                    done(None, 504)
+                    return error_response(RequestTimeoutError(timeout or 0), model)
+                except asyncio.CancelledError:  # the client went away
+                    response.cancel()
+                    done(None, 499)
+                    raise
+                except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
+                    failure = translate_serve_error(error, model)
+                    if retryable(failure, attempts, limit):
+                        attempts += 1
+                        record_migration(model, failure.cause, 0)
+                        continue
+                    done(None, failure.status_code)
+                    return error_response(failure, model)
+                done(result.usage, result.status_code)
+                return _reply(result, extra)
+        while True:
             try:
-                result = await (asyncio.wait_for(call, timeout) if timeout else call)
-            except asyncio.TimeoutError:
-                response.cancel()  # aborts the engine request
-                done(None, 504)
-                return error_response(RequestTimeoutError(timeout or 0), model)
-            except asyncio.CancelledError:  # the client went away
-                response.cancel()
+                started = await self.streams.start(handle, forwarded, model, timeout, deadline, track)
+                break
+            except OpenAIError as error:
+                if retryable(error, attempts, limit):
+                    attempts += 1
+                    record_migration(model, error.cause, 0)  # type: ignore[attr-defined]
+                    continue
+                done(None, error.status_code)
+                return error_response(error, model)
+            except BaseException:
                 done(None, 499)
                 raise
-            except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
-                failure = translate_serve_error(error, model)
-                done(None, failure.status_code)
-                return error_response(failure, model)
-            done(result.usage, result.status_code)
-            return _reply(result, extra)
-        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
-        try:
-            started = await self.streams.start(handle, forwarded, model, timeout, deadline)
-        except OpenAIError as error:
-            done(None, error.status_code)
-            return error_response(error, model)
-        except BaseException:
-            done(None, 499)
-            raise
         first = started.first
         if not isinstance(first, Reply):
             started.close()
@@ -473,6 +492,6 @@ class Router:
             started.close()
             done(first.usage, first.status_code)
             return _reply(first, extra)
-        return StreamingResponse(self.streams.relay(started, model, deadline, timeout, done),
+        return StreamingResponse(self.streams.relay(started, model, deadline, timeout, done, limit - attempts),
                                  headers={**first.headers, **SSE_HEADERS, **extra},
                                  media_type=first.headers.get("content-type"))

@@ -20,6 +20,7 @@ from rayllm_app.errors import (
     ModelUnavailableError,
     OpenAIError,
     OverloadedError,
+    ReplicaFailedError,
     RequestTimeoutError,
 )
 from rayllm_app.replica.stream_channel import ChannelClosed, Subscription
@@ -63,9 +64,9 @@ def translate_serve_error(error: BaseException, model: str) -> OpenAIError:
     if isinstance(error, getattr(serve_exceptions, "DeploymentUnavailableError", ())):
         return ModelUnavailableError(f"Model '{model}' is not available right now: {error}")
     if isinstance(error, (ray_exceptions.RayActorError, ray_exceptions.ActorDiedError, ChannelClosed)):
-        return ModelUnavailableError(
-            f"The replica serving model '{model}' stopped while handling this request; retry it."
-        )
+        return ReplicaFailedError(f"The replica serving model '{model}' stopped while handling this request; "
+                                  "retry it.", cause="channel_closed" if isinstance(error, ChannelClosed)
+                                  else "replica_died")
     if isinstance(error, ray_exceptions.RayTaskError):
         cause = error.cause if hasattr(error, "cause") else None
         if isinstance(cause, OpenAIError):

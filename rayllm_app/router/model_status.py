@@ -37,6 +37,7 @@ class ModelSpec:
     default_max_tokens: int | None = None    # the model's generate_kwargs max_tokens
     max_num_seqs: int | None = None          # the engine's batch slots per replica, when set
     idle_sleep: bool = False                 # deployment_config.idle_sleep: replicas may sleep
+    migration_limit: int = 0                 # deployment_config.migration_limit (rayllm_app.router.migration)
 
 
 @dataclass

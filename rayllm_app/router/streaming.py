@@ -3,6 +3,10 @@
 relay its bytes to the client. A failure mid-stream becomes an SSE error event, and the
 stream's end reports its usage (the replica's count) to whoever settles the request.
 
+When a tracked stream's replica fails mid-stream, the relay resumes it on another replica
+(rayllm_app.router.migration): the client sees a pause, not an error, up to the model's
+``migration_limit``.
+
 A client may leave as soon as it reads the answer's last event (the OpenAI SDK closes the
 connection at ``data: [DONE]``), before the replica's count arrives behind it. Then the relay
 waits for the count in the background instead of cancelling the call, so the request is
@@ -12,15 +16,23 @@ charged what it used, not what it reserved.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from rayllm_app.errors import EngineError, OpenAIError, RequestTimeoutError
 from rayllm_app.observability import hop_trace
+from rayllm_app.observability.metrics import record_migration
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
+from rayllm_app.replica.resume import ResumeRequest
 from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
+from rayllm_app.router.migration import retryable, stream_identity
 from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, translate_serve_error, watch_call
+
+logger = logging.getLogger(__name__)
 
 OnEnd = Callable[[Usage | None, int], None]
 
@@ -43,6 +55,8 @@ class StartedStream:
     first: Any                      # its first item: a Reply (or something unexpected)
     sub: Subscription | None        # the channel subscription, when the bytes come that way
     channels: RouterChannels | None
+    handle: ModelCalls | None = None          # what started it: a migration calls again with them
+    forwarded: ForwardedRequest | None = None
 
     def close(self) -> None:
         self.call.cancel()
@@ -58,17 +72,19 @@ class Streams:
         self._late: set[asyncio.Task] = set()  # usage awaited after the client left
 
     async def start(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
-                    timeout: float | None, deadline: float | None) -> StartedStream:
-        """Start the call and wait for its Reply; raises an OpenAIError when it fails first."""
-        sub = self.channels.open() if self.channels is not None else None
+                    timeout: float | None, deadline: float | None, track: bool = False,
+                    resume: ResumeRequest | None = None) -> StartedStream:
+        """Start the call and wait for its Reply; raises an OpenAIError when it fails first.
+        ``track``: ask for each chunk's token ids; ``resume``: continue a broken stream."""
+        sub = self.channels.open(track) if self.channels is not None else None
         try:
-            call, first = await self._open(handle, forwarded, model, sub, timeout)
+            call, first = await self._open(handle, forwarded, model, sub, timeout, resume)
             if isinstance(first, Ticket):
                 first = await self._first_on_channel(call, first, sub, model, deadline, timeout)
                 if first is None:  # the replica's channel is unreachable: stream this one over Ray
                     self.channels.close(sub)
                     sub = None
-                    call, first = await self._open(handle, forwarded, model, None, timeout)
+                    call, first = await self._open(handle, forwarded, model, None, timeout, resume)
             elif sub is not None:  # the replica streams over Ray (it has no channel)
                 self.channels.close(sub)
                 sub = None
@@ -76,19 +92,22 @@ class Streams:
             if sub is not None:
                 self.channels.close(sub)
             raise
-        return StartedStream(call, first, sub, self.channels)
+        return StartedStream(call, first, sub, self.channels, handle, forwarded)
 
     def relay(self, started: StartedStream, model: str, deadline: float | None, timeout: float | None,
-              on_end: OnEnd) -> AsyncIterator[bytes]:
+              on_end: OnEnd, migration_limit: int = 0) -> AsyncIterator[bytes]:
         first = started.first.body
         if started.sub is None:
             return self._relay_ray(first, started.call, model, deadline, timeout, on_end)
-        return self._relay_channel(first, started, model, deadline, timeout, on_end)
+        return self._relay_channel(first, started, model, deadline, timeout, on_end, migration_limit)
 
     async def _open(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
-                    sub: Subscription | None, timeout: float | None) -> tuple[Any, Any]:
+                    sub: Subscription | None, timeout: float | None,
+                    resume: ResumeRequest | None = None) -> tuple[Any, Any]:
         """Start the streaming call and wait for its first item (ticket or Reply)."""
         args = (forwarded, sub.request) if sub is not None else (forwarded,)
+        if resume is not None:
+            args = (forwarded, sub.request if sub is not None else None, resume)
         hop_trace.mark("router.call")
         stream = handle.streaming.remote(*args)
         first_item = self._through_cold_start(model, stream.__anext__())
@@ -115,21 +134,50 @@ class Streams:
         return first
 
     async def _relay_channel(self, first: bytes, started: StartedStream, model: str, deadline: float | None,
-                             timeout: float | None, on_end: OnEnd) -> AsyncIterator[bytes]:
-        """Pass the channel's SSE frames through; a failure mid-stream becomes an error event."""
-        sub = started.sub
+                             timeout: float | None, on_end: OnEnd, migration_limit: int) -> AsyncIterator[bytes]:
+        """Pass the channel's SSE frames through; a tracked stream whose replica fails resumes
+        on another (at most ``migration_limit`` times); any other failure mid-stream becomes
+        an error event."""
+        current = [started]  # the call now relayed: a migration replaces it
         timer = None
         status = 499  # until the stream ends or fails: the client went away
         last = first
+        delivered = array("I")  # token ids the client has from replicas that failed
+        migrations, resuming = 0, False
         if deadline is not None:
-            timer = asyncio.get_running_loop().call_at(deadline, sub.fail, RequestTimeoutError(timeout or 0))
+            timer = asyncio.get_running_loop().call_at(
+                deadline, lambda: current[0].sub.fail(RequestTimeoutError(timeout or 0)))
         try:
             hop_trace.mark("router.first_chunk")
             yield first
-            while (chunk := await sub.get()) is not None:
-                if isinstance(chunk, bytes):
-                    last = chunk
-                    yield chunk
+            while True:
+                try:
+                    if resuming:
+                        current[0] = await self._resume(current[0], delivered, first, model, timeout, deadline)
+                        resuming = False
+                        if body := current[0].first.body:
+                            last = body
+                            yield body
+                    sub = current[0].sub
+                    while (chunk := await sub.get()) is not None:
+                        if isinstance(chunk, bytes):
+                            last = chunk
+                            yield chunk
+                    break
+                except Exception as error:  # noqa: BLE001
+                    failure = translate_serve_error(error, model)
+                    tokens = None if resuming else current[0].sub.tokens
+                    if (not retryable(failure, migrations, migration_limit) or answer_finished(last)
+                            or (not resuming and tokens is None)):
+                        raise failure from None
+                    if not resuming:
+                        delivered += tokens
+                        current[0].close()
+                    migrations += 1
+                    resuming = True
+                    record_migration(model, failure.cause, len(delivered))  # type: ignore[attr-defined]
+                    logger.warning("Resuming a stream of %s on another replica after %d tokens (%s): %s",
+                                   model, len(delivered), failure.cause, failure.message)  # type: ignore[attr-defined]
             status = 200
         except OpenAIError as error:
             status = error.status_code
@@ -141,11 +189,30 @@ class Streams:
         finally:
             if timer is not None:
                 timer.cancel()
+            started = current[0]
             if status == 499 and answer_finished(last):  # its END frame may be here already, or on the way
                 self._later(self._end_on_channel(started, on_end))
             else:
                 started.close()
-                on_end(sub.usage if status == 200 else None, status)
+                on_end(started.sub.usage if status == 200 else None, status)
+
+    async def _resume(self, broken: StartedStream, delivered: array, opening: bytes, model: str,
+                      timeout: float | None, deadline: float | None) -> StartedStream:
+        """Continue a broken stream on another replica: the same body, the ids the client has,
+        under the stream's id (``X-Request-Id``) and ``created``."""
+        request_id, created = stream_identity(opening)
+        forwarded = broken.forwarded
+        if request_id is not None:
+            headers = tuple(item for item in forwarded.headers if item[0] != "x-request-id")
+            forwarded = dataclasses.replace(forwarded, headers=(*headers, ("x-request-id", request_id)))
+        started = await self.start(broken.handle, forwarded, model, timeout, deadline, track=True,
+                                   resume=ResumeRequest(tuple(delivered), created))
+        first = started.first
+        if not (isinstance(first, Reply) and first.status_code == 200 and started.sub is not None
+                and started.sub.tokens is not None):
+            started.close()
+            raise EngineError(f"Model '{model}' could not resume this stream on another replica.")
+        return started
 
     async def _relay_ray(self, first: bytes, stream: Any, model: str, deadline: float | None,
                          timeout: float | None, on_end: OnEnd) -> AsyncIterator[bytes]:

@@ -335,7 +335,7 @@ class FakeEngine:
     def shutdown(self) -> None:
         pass
 
-    async def handle(self, request: Any, sink: Any = None):
+    async def handle(self, request: Any, sink: Any = None, wrap: Any = None):
         for item in self.script:
             if isinstance(item, BaseException):
                 raise item

@@ -167,7 +167,7 @@ def test_a_sink_takes_a_streams_bytes_straight_from_the_application():
     async def run() -> list:
         items = []
         async with contextlib.aclosing(call_asgi(app, ForwardedRequest("POST", "/stream", b'{"count": 5}'),
-                                                 sink=received.append)) as generator:
+                                                 sink=lambda chunk, tokens: received.append(chunk))) as generator:
             async for item in generator:
                 items.append(item)
         return items
@@ -181,7 +181,7 @@ def test_a_sink_leaves_plain_answers_whole():
     received: list[bytes] = []
 
     async def run() -> list:
-        return [item async for item in call_asgi(app, ForwardedRequest("POST", "/bad", b"{}"), sink=received.append)]
+        return [item async for item in call_asgi(app, ForwardedRequest("POST", "/bad", b"{}"), sink=lambda chunk, tokens: received.append(chunk))]
 
     (reply,) = asyncio.run(run())
     assert reply.status_code == 400 and received == []
