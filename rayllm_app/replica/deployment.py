@@ -189,8 +189,8 @@ class ModelServer:
             async for item in items:
                 if isinstance(item, Reply):
                     timer.status = item.status_code
-                    if tracker is not None and tracker.tracking and item.tokens is None:
-                        item = dataclasses.replace(item, tokens=())  # tracked, no ids in its first bytes
+                    if tracker is not None and tracker.tracking:
+                        item = tracker.reply(item)
                 else:
                     watch(item)
                 yield item

@@ -32,14 +32,20 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayllm_app.errors import ReplicaFailedError
 
+if TYPE_CHECKING:
+    from rayllm_app.replica.http_forward import Reply
+
 # What a tracked body message carries besides its bytes (an ASGI message key of ours).
 TOKENS_KEY = "rayllm.tokens"
+# The resumed stream's Reply says how many delivered tokens it continues after (see _whole).
+KEPT_HEADER = "x-rayllm-resumed-after"
 _CREATED = re.compile(rb'"created":\d+')
 _PROMPT_CONTEXT = 8  # prompt tokens decoded before the replayed ones, so their text is spaced right
+_MAX_REGENERATED = 1024  # delivered tokens a resume may generate again (see StreamTokens._whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class StreamTokens:
         self.replaying = resume is not None
         self.remaining = 1         # tokens the engine still may generate (0: the replay ends it)
         self.prompt_ids: list[int] = []
+        self.kept = 0              # delivered tokens the continuation starts after (see _whole)
         self.replay_text = ""
         self.held_text = ""        # text vLLM held back for stop-string matching at the break
         self._carry: list[int] = []
@@ -78,11 +85,14 @@ class StreamTokens:
         self.tracking = kind == "DELTA" and getattr(params, "n", 1) == 1
         if self.resume is None:
             return prompt, params
+        self.replaying = False  # until the continuation is ready: a failure here must reach the client
         if not self.tracking or not isinstance(prompt, dict) or not isinstance(prompt.get("prompt_token_ids"), list):
             raise ReplicaFailedError("This stream cannot be resumed: its request is not one streamed choice of "
                                      "token input.", cause="not_resumable")
-        tokens = list(self.resume.tokens)
         self.prompt_ids = prompt["prompt_token_ids"]
+        tokens = self._whole(list(self.resume.tokens), params)
+        self.replaying = True
+        self.kept = len(tokens)
         self.replay_text, self.held_text = self._texts(tokens, params)
         params = params.clone()
         if params.max_tokens is not None:
@@ -91,6 +101,21 @@ class StreamTokens:
         if getattr(params, "min_tokens", 0):
             params.min_tokens = max(params.min_tokens - len(tokens), 0)
         return {**prompt, "prompt_token_ids": self.prompt_ids + tokens}, params
+
+    def _whole(self, tokens: list[int], params: Any) -> list[int]:
+        """The delivered tokens up to the last whole character. Tokens after it hold bytes vLLM
+        has not sent text for yet (its detokenizer waits until a character is whole): they are
+        generated again (greedy: the same), so the new engine's detokenizer starts at a character
+        boundary (primed with a prompt that ends mid-character, it would resend the prompt's text)."""
+        if self.tokenizer is None:
+            return tokens
+        skip = getattr(params, "skip_special_tokens", True)
+        context = self.prompt_ids[-_PROMPT_CONTEXT:]
+        for end in range(len(tokens), max(len(tokens) - _MAX_REGENERATED, 0) - 1, -1):
+            if not self.tokenizer.decode(context + tokens[:end], skip_special_tokens=skip).endswith("\ufffd"):
+                return tokens[:end]
+        raise ReplicaFailedError("This stream cannot be resumed: its last characters do not decode.",
+                                 cause="not_resumable")
 
     def _texts(self, tokens: list[int], params: Any) -> tuple[str, str]:
         """The delivered tokens' text as vLLM's detokenizer made it, split into what it sent
@@ -102,7 +127,6 @@ class StreamTokens:
         head = self.tokenizer.decode(context, skip_special_tokens=skip)
         full = self.tokenizer.decode(context + tokens, skip_special_tokens=skip)
         text = full[len(head):] if full.startswith(head) else self.tokenizer.decode(tokens, skip_special_tokens=skip)
-        text = text.rstrip("\ufffd")  # bytes of a character not yet whole: vLLM sent nothing for them
         stop = getattr(params, "stop", None) or []
         held = max(len(s) for s in stop) - 1 if stop and not getattr(params, "include_stop_str_in_output", False) \
             else 0
@@ -136,7 +160,8 @@ class StreamTokens:
         replay = copy.copy(output)
         first = output.outputs[0]
         replay.outputs = [dataclasses.replace(
-            first, text=self.replay_text, token_ids=list(self.resume.tokens), finish_reason=None, stop_reason=None,
+            first, text=self.replay_text, token_ids=list(self.resume.tokens[:self.kept]), finish_reason=None,
+            stop_reason=None,
             logprobs=self._replay_logprobs(first.logprobs))]
         replay.finished = False
         return replay
@@ -150,7 +175,7 @@ class StreamTokens:
         if sample is None:
             return None
         return [{token: dataclasses.replace(sample, logprob=0.0, rank=1, decoded_token=None)}
-                for token in self.resume.tokens]
+                for token in self.resume.tokens[:self.kept]]
 
     def _finished(self, output: Any) -> Any:
         end = copy.copy(output)
@@ -161,6 +186,12 @@ class StreamTokens:
         return end
 
     # -------------------------------------------------------------- the application's side
+
+    def reply(self, reply: Reply) -> Reply:
+        """The tracked stream's Reply: token ids (none yet is an empty tuple, not None) and,
+        resumed, how many delivered tokens it continues after."""
+        headers = reply.headers if self.resume is None else {**reply.headers, KEPT_HEADER: str(self.kept)}
+        return dataclasses.replace(reply, tokens=reply.tokens or (), headers=headers)
 
     def app(self, app: Any) -> Any:
         """vLLM's ASGI application with this request's body messages tracked (and, when

@@ -27,7 +27,7 @@ from rayllm_app.errors import EngineError, OpenAIError, RequestTimeoutError
 from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import record_migration
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
-from rayllm_app.replica.resume import ResumeRequest
+from rayllm_app.replica.resume import KEPT_HEADER, ResumeRequest
 from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
 from rayllm_app.router.migration import retryable, stream_identity
 from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, translate_serve_error, watch_call
@@ -155,6 +155,8 @@ class Streams:
                     if resuming:
                         current[0] = await self._resume(current[0], delivered, first, model, timeout, deadline)
                         resuming = False
+                        # It continues after the last whole character: what follows is generated again.
+                        del delivered[int(current[0].first.headers.get(KEPT_HEADER, len(delivered))):]
                         if body := current[0].first.body:
                             last = body
                             yield body

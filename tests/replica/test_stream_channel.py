@@ -149,3 +149,31 @@ def test_a_router_that_never_connects_fails_the_stream(monkeypatch):
         server.close()
 
     run(main())
+
+
+def test_a_tracked_stream_carries_each_chunks_token_ids():
+    """TOKENS frames: the router keeps the ids of every chunk it received, the Reply's first."""
+    async def main():
+        server = await ReplicaChannelServer.start("127.0.0.1")
+        channels = RouterChannels()
+        sub = channels.open(track=True)
+        assert sub.request.track
+        await channels.attach(sub, server.ticket)
+        server.send(sub.request, Reply(200, b"first;", {"content-type": "text/event-stream"}, tokens=(5,)))
+        server.send(sub.request, b"a;", [6, 70000])
+        server.send(sub.request, b"plain;")
+        server.send(sub.request, b"b;", [8])
+        server.end(sub.request)
+        items = await drain(sub)
+        assert items[0].tokens == (5,) and items[0].body == b"first;"
+        assert b"".join(items[1:]) == b"a;plain;b;"
+        assert list(sub.tokens) == [5, 6, 70000, 8]
+        untracked = channels.open()
+        await channels.attach(untracked, server.ticket)
+        server.send(untracked.request, Reply(200, b"x", {}))
+        server.end(untracked.request)
+        await drain(untracked)
+        assert untracked.tokens is None  # its replica did not say it tracks: never resumed
+        server.close()
+
+    run(main())

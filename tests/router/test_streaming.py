@@ -137,3 +137,55 @@ def test_ray_relay_reads_the_last_item_after_the_client_left():
         assert ended == [(Usage(5, 2), 200)] and call.cancelled
 
     run(main())
+
+
+def _tracked(channels: RouterChannels, first: bytes, tokens: tuple[int, ...]):
+    sub = channels.open(track=True)
+    reply = Reply(200, first, {}, tokens=tokens)
+    sub.push(reply)
+    sub.items.clear()  # start() has taken the Reply already
+    return sub, reply
+
+
+@pytest.mark.parametrize("limit", [1, 0])
+def test_channel_relay_resumes_a_tracked_stream_once_within_the_limit(monkeypatch, limit: int):
+    """A replica failure mid-stream: the relay asks another replica to continue from the ids the
+    client has, under the stream's id and created; past the limit, the error event as before."""
+    from rayllm_app.errors import ReplicaFailedError
+    from rayllm_app.replica.http_forward import ForwardedRequest
+
+    async def main():
+        channels = RouterChannels()
+        opening = b'data: {"id":"chatcmpl-abc","object":"chat.completion.chunk","created":77}\n\n'
+        sub, reply = _tracked(channels, opening, ())
+        forwarded = ForwardedRequest("POST", "/v1/chat/completions", b"{}", "", (("content-type", "application/json"),))
+        started = StartedStream(FakeCall([]), reply, sub, channels, handle=object(), forwarded=forwarded)
+        calls: list = []
+        resumed_sub, resumed_reply = _tracked(channels, b"data: c2\n\n", (9,))
+
+        async def start(handle, forwarded, model, timeout, deadline, track=False, resume=None):
+            calls.append((forwarded, track, resume))
+            if len(calls) == 2:  # the replica it resumed on fails too
+                raise ReplicaFailedError("gone again")
+            return StartedStream(FakeCall([]), resumed_reply, resumed_sub, channels, handle, forwarded)
+
+        streams = Streams(channels, None)
+        monkeypatch.setattr(streams, "start", start)
+        ended: list = []
+        relay = streams.relay(started, "m", None, None, lambda u, s: ended.append((u, s)), migration_limit=limit)
+        sub.push_tracked(bytearray(b"\x00\x00\x00\x02" + bytes([7, 0, 0, 0, 8, 0, 0, 0]) + b"data: c1\n\n"), 0, 22)
+        sub.fail(ReplicaFailedError("replica died"))
+        resumed_sub.push(b"data: [DONE]\n\n")
+        resumed_sub.end(Usage(3, 4))
+        got = [chunk async for chunk in relay]
+        if limit == 0:
+            assert got[:2] == [opening, b"data: c1\n\n"] and b"replica_failed" in got[2] and calls == []
+            assert ended == [(None, 503)]
+            return
+        assert got == [opening, b"data: c1\n\n", b"data: c2\n\n", b"data: [DONE]\n\n"]
+        forwarded_again, track, resume = calls[0]
+        assert track and resume.tokens == (7, 8) and resume.created == 77
+        assert ("x-request-id", "abc") in forwarded_again.headers
+        assert ended == [(Usage(3, 4), 200)]
+
+    run(main())

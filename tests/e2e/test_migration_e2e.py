@@ -1,0 +1,273 @@
+"""End to end: no stream lost when a replica dies or stalls (issue 20).
+
+One Serve application (``migrate``, under /migrate) serves the tiny Llama as ``tiny-migrate``
+on two replicas with ``migration_limit: 1``, a 1 s health check and a 3 s stall timeout. The
+reference for every stream is the same prompt's greedy answer, streamed through the same
+application before anything fails: a resumed stream must equal it character for character,
+with exact usage and one id and ``created`` throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, LIMITED_KEY, TINY_A, tiny_model_config, wait_for_models
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny-migrate"
+APP = "migrate"
+PREFIX = "/migrate"
+TOKENS = 200
+STREAMS = 16
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def migrate_root(serve_root: str, tiny_model_path: Path):
+    from ray import serve
+    from ray.serve.api import _run
+
+    from rayllm_app.app import build_app
+
+    os.environ.setdefault("RAYLLM_API_KEYS", f"{API_KEY},{LIMITED_KEY}:{TINY_A}")
+    config = tiny_model_config(MODEL, tiny_model_path)
+    config["deployment_config"].update(
+        autoscaling_config={"min_replicas": 2, "max_replicas": 2}, migration_limit=1,
+        health_check_period_s=1, health_check_timeout_s=10, stall_timeout_s=3,
+        graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
+    _run(build_app({"models": [config]}), name=APP, route_prefix=PREFIX, _blocking=False)
+    root = f"{serve_root}{PREFIX}"
+    wait_for_models(root, {MODEL: "ready"}, timeout_s=600)
+    replica_pids(2)
+    yield root
+    try:
+        serve.delete(APP)
+    except TimeoutError:  # a busy host: Serve goes on deleting it
+        pass
+
+
+def replica_info() -> dict:
+    from ray import serve
+
+    from rayllm_app.replica.deployment import deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL), app_name=APP)
+    return handle.replica_info.remote().result(timeout_s=120)
+
+
+def replica_pids(count: int, exclude: set[int] = frozenset(), timeout_s: float = 300) -> dict[int, list[int]]:
+    """The pids (and engine pids) of ``count`` running replicas, none of them in ``exclude``."""
+    seen: dict[int, list[int]] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = replica_info()
+        except Exception:  # noqa: BLE001 - a replica going away mid-call
+            time.sleep(0.5)
+            continue
+        if info["pid"] not in exclude:
+            seen[info["pid"]] = info["engine_pids"]
+        if len(seen) >= count:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {count} replicas came up within {timeout_s:g} s")
+
+
+def running_pids(exclude: set[int], calls: int = 20) -> set[int]:
+    """The replicas that answer ``calls`` replica_info calls, but those in ``exclude``."""
+    pids: set[int] = set()
+    for _ in range(calls):
+        try:
+            pids.add(replica_info()["pid"])
+        except Exception:  # noqa: BLE001
+            pass
+    return pids - exclude
+
+
+def prompt(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell story number {i} about a fox"}]
+
+
+async def stream(client: httpx.AsyncClient, i: int, progress: dict[int, int] | None = None,
+                 max_tokens: int = TOKENS) -> dict:
+    """One greedy chat stream: its text, usage, ids, createds, errors and the longest gap."""
+    body = {"model": MODEL, "messages": prompt(i), "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result = {"status": None, "text": "", "usage": None, "ids": set(), "created": set(), "errors": [],
+              "done": False, "gap": 0.0, "chunks": 0}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        result["status"] = response.status_code
+        last = time.monotonic()
+        async for line in response.aiter_lines():
+            now = time.monotonic()
+            result["gap"] = max(result["gap"], now - last)
+            last = now
+            if line == "data: [DONE]":
+                result["done"] = True
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    result["errors"].append(event["error"])
+                    continue
+                result["ids"].add(event["id"])
+                result["created"].add(event["created"])
+                if event.get("usage"):
+                    result["usage"] = event["usage"]
+                for choice in event.get("choices", []):
+                    result["text"] += choice["delta"].get("content") or ""
+                result["chunks"] += 1
+                if progress is not None:
+                    progress[i] = result["chunks"]
+    return result
+
+
+async def load(root: str, fault=None, streams: int = STREAMS) -> list[dict]:
+    """``streams`` concurrent streams; ``fault(progress)`` runs beside them."""
+    progress: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=root, headers=HEADERS, timeout=600) as client:
+        tasks = [stream(client, i, progress) for i in range(streams)]
+        if fault is not None:
+            tasks.append(fault(progress))
+        results = await asyncio.gather(*tasks)
+    return list(results[:streams])
+
+
+@pytest.fixture(scope="module")
+def reference(migrate_root: str) -> list[dict]:
+    """Every prompt's uninterrupted greedy answer, under the same concurrency, nothing failing."""
+    results = asyncio.run(load(migrate_root))
+    for result in results:
+        assert result["status"] == 200 and result["done"] and not result["errors"], result
+        assert result["usage"]["completion_tokens"] == TOKENS
+    return results
+
+
+async def mid_stream(progress: dict[int, int], chunks: int = 40, timeout_s: float = 120) -> None:
+    """Wait until some stream has passed ``chunks`` chunks (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and max(progress.values(), default=0) < chunks:
+        await asyncio.sleep(0.02)
+
+
+def assert_exact(results: list[dict], reference: list[dict]) -> None:
+    for i, (got, want) in enumerate(zip(results, reference)):
+        assert got["status"] == 200 and got["done"], (i, got)
+        assert not got["errors"], (i, got["errors"])
+        assert got["text"] == want["text"], f"stream {i} differs from its uninterrupted answer"
+        assert got["usage"] == want["usage"], (i, got["usage"], want["usage"])
+        assert len(got["ids"]) == 1 and len(got["created"]) == 1, (i, got["ids"], got["created"])
+
+
+def migrations(root: str, cause: str, at_least: int, timeout_s: float = 60) -> float:
+    """rayllm_migrations_total for this model and cause, once it reaches ``at_least`` (bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = 0.0
+        for line in httpx.get(f"{root}/metrics", headers=HEADERS, timeout=30).text.splitlines():
+            if line.startswith("rayllm_migrations_total{") and f'model="{MODEL}"' in line \
+                    and f'cause="{cause}"' in line:
+                value += float(line.rsplit(" ", 1)[1])
+        if value >= at_least or time.monotonic() >= deadline:
+            return value
+        time.sleep(1)
+
+
+def test_uninterrupted_streams_are_tracked_without_a_difference(migrate_root, reference):
+    """The reference run itself: tracked streams (token ids beside every chunk) read exactly as
+    untracked ones, and two runs of the same greedy load agree (else the kill tests below could
+    not compare)."""
+    again = asyncio.run(load(migrate_root, streams=4))
+    assert_exact(again, reference[:4])
+    assert all(result["chunks"] >= TOKENS for result in reference)
+
+
+def test_kill_one_of_two_replicas_mid_load(migrate_root, reference):
+    """SIGKILL one of two replicas while 16 streams of 200 tokens run: none fails, and every
+    stream equals its uninterrupted answer, usage included."""
+    victim = next(iter(replica_pids(2)))
+    before = migrations(migrate_root, "replica_died", 0, timeout_s=0) + \
+        migrations(migrate_root, "channel_closed", 0, timeout_s=0)
+
+    async def kill(progress: dict[int, int]) -> None:
+        await mid_stream(progress)
+        os.kill(victim, signal.SIGKILL)
+
+    results = asyncio.run(load(migrate_root, kill))
+    assert_exact(results, reference)
+    moved = migrations(migrate_root, "replica_died", 0, timeout_s=0) + \
+        migrations(migrate_root, "channel_closed", 0, timeout_s=0)
+    deadline = time.monotonic() + 60
+    while moved <= before and time.monotonic() < deadline:
+        time.sleep(1)
+        moved = migrations(migrate_root, "replica_died", 0, timeout_s=0) + \
+            migrations(migrate_root, "channel_closed", 0, timeout_s=0)
+    print(f"\nkilled replica {victim}: {moved - before:g} streams resumed; longest pause "
+          f"{max(r['gap'] for r in results):.2f} s")
+    assert moved > before, "the killed replica held streams, which must have moved"
+    replica_pids(2, exclude={victim})  # Serve replaced it: the next test has two replicas again
+
+
+def test_stalled_engine_is_detected_and_its_streams_move(migrate_root, reference):
+    """SIGSTOP one replica's engine mid-load: its health check calls it stalled within the stall
+    timeout plus a check period, and its streams finish on the other replica, exact."""
+    replicas = replica_pids(2)
+    victim, engine = next(iter(replicas.items()))
+    stopped_at: list[float] = []
+
+    async def stall(progress: dict[int, int]) -> None:
+        await mid_stream(progress)
+        for pid in engine:
+            os.kill(pid, signal.SIGSTOP)
+        stopped_at.append(time.monotonic())
+
+    try:
+        results = asyncio.run(load(migrate_root, stall))
+    finally:
+        for pid in engine:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert stopped_at, "the engine was never stopped"
+    assert_exact(results, reference)
+    assert migrations(migrate_root, "stalled", 1) >= 1
+    # 3 s stall timeout + 1 s check period; the rest is Serve's and the resumed prefill's.
+    assert max(r["gap"] for r in results) < 20
+    replica_pids(2, exclude={victim})
+
+
+def test_past_the_migration_limit_the_client_gets_the_error(migrate_root):
+    """migration_limit 1: a stream whose replica dies twice ends with the error event (after
+    its first resume), as a stream did before migration existed. Every replica is killed, so
+    the first resume also waits for a new replica: the cold-start path."""
+    old = replica_pids(2)
+
+    async def scenario() -> tuple[dict, int]:
+        progress: dict[int, int] = {}
+        async with httpx.AsyncClient(base_url=migrate_root, headers=HEADERS, timeout=600) as client:
+            task = asyncio.ensure_future(stream(client, 0, progress, max_tokens=480))
+            await mid_stream(progress, chunks=20)
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            paused_at = progress[0]
+            new = await asyncio.to_thread(replica_pids, 1, set(old))
+            await mid_stream(progress, chunks=paused_at + 5, timeout_s=300)  # resumed on a new replica
+            resumed = progress[0] > paused_at
+            for pid in {*new, *await asyncio.to_thread(running_pids, set(old))}:
+                os.kill(pid, signal.SIGKILL)
+            return await task, resumed
+
+    result, resumed = asyncio.run(scenario())
+    assert resumed, "the first failure is within the limit: the stream went on on a new replica"
+    assert result["status"] == 200
+    assert result["errors"], "the second failure is past the limit: an error event"
+    assert result["errors"][-1]["code"] == "replica_failed", result["errors"]
+    assert result["done"]
