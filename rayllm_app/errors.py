@@ -97,9 +97,11 @@ class ReplicaFailedError(ModelUnavailableError):
 
     default_code = "replica_failed"
 
-    def __init__(self, message: str, *, cause: str = "replica_died") -> None:
+    def __init__(self, message: str, *, reason: str = "replica_died") -> None:
         super().__init__(message)
-        self.cause = cause  # a metric label: replica_died, channel_closed, engine_died, stalled, not_resumable
+        # A metric label: replica_died, channel_closed, engine_died, stalled; "rejected" (an
+        # unhealthy replica refused the request before starting it), "not_resumable".
+        self.reason = reason
 
 
 class RequestTimeoutError(OpenAIError):

@@ -249,6 +249,8 @@ def record_rate_limited(key: str, model: str, limit: str) -> None:
 
 def record_migration(model: str, cause: str, reprefilled_tokens: int) -> None:
     """One request resumed on another replica (``model`` is a served model id). Never raises."""
+    if cause == "rejected":  # refused before it started: not a move
+        return
     try:
         ray_metric("rayllm_migrations_total").inc(1, tags=_tags(model, cause, keys=("model", "cause")))
         if reprefilled_tokens:

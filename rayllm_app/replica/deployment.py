@@ -58,6 +58,7 @@ class ModelServer:
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
         self._pumps: set[asyncio.Task] = set()         # channel streams in flight
         self._failed_pumps: set[asyncio.Task] = set()  # cancelled because the engine stalled
+        self._unhealthy = False                         # the last health check failed
         self.idle_sleep = self._start_idle_sleep()
         if self.config.lora_config is not None:
             from rayllm_app.observability.metrics import ray_metric
@@ -85,6 +86,7 @@ class ModelServer:
 
     async def forward(self, request: ForwardedRequest) -> Reply:
         """A whole answer (the router did not ask for a stream), with its usage."""
+        self._refuse_if_unhealthy()
         reply: Reply | None = None
         usage: Usage | None = None
         body = bytearray()
@@ -114,6 +116,7 @@ class ModelServer:
         ``resume`` continues a stream that broke on another replica (rayllm_app.replica.resume).
         """
         hop_trace.mark("replica.call")
+        self._refuse_if_unhealthy()
         server = await self._channel_server() if channel is not None else None
         if server is None:
             async with contextlib.aclosing(self._serve(request)) as items:
@@ -136,7 +139,7 @@ class ModelServer:
             except asyncio.CancelledError:
                 if pump in self._failed_pumps and not asyncio.current_task().cancelling():
                     raise ReplicaFailedError(f"The engine of model '{self.config.model_id}' stopped or stalled; "
-                                             "this replica is being replaced.", cause="stalled") from None
+                                             "this replica is being replaced.", reason="stalled") from None
                 raise
         finally:
             self._pumps.discard(pump)
@@ -235,13 +238,22 @@ class ModelServer:
             return {}
         return {"adapters": self.adapters.held(), "adapter_loads": dict(self.adapters.loads)}
 
+    def _refuse_if_unhealthy(self) -> None:
+        """Serve routes to a replica until it fails three health checks in a row: until then,
+        refuse new requests here, and the router sends them to another replica."""
+        if self._unhealthy:
+            raise ReplicaFailedError(f"This replica of model '{self.config.model_id}' is unhealthy.",
+                                     reason="rejected")
+
     async def check_health(self) -> None:
         """Ray Serve calls this periodically: a dead or stalled engine makes the replica
         unhealthy. A stalled engine's streams fail at once, so the router resumes them on
         another replica instead of waiting for Serve to replace this one."""
         try:
             await self.engine.check_health()
+            self._unhealthy = False
         except BaseException:
+            self._unhealthy = True
             if self._pumps:
                 logger.error("Failing %d streams of %s: its engine is unhealthy", len(self._pumps), self.config.model_id)
                 self._failed_pumps.update(self._pumps)

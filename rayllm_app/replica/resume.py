@@ -88,7 +88,7 @@ class StreamTokens:
         self.replaying = False  # until the continuation is ready: a failure here must reach the client
         if not self.tracking or not isinstance(prompt, dict) or not isinstance(prompt.get("prompt_token_ids"), list):
             raise ReplicaFailedError("This stream cannot be resumed: its request is not one streamed choice of "
-                                     "token input.", cause="not_resumable")
+                                     "token input.", reason="not_resumable")
         self.prompt_ids = prompt["prompt_token_ids"]
         tokens = self._whole(list(self.resume.tokens), params)
         self.replaying = True
@@ -115,7 +115,7 @@ class StreamTokens:
             if not self.tokenizer.decode(context + tokens[:end], skip_special_tokens=skip).endswith("\ufffd"):
                 return tokens[:end]
         raise ReplicaFailedError("This stream cannot be resumed: its last characters do not decode.",
-                                 cause="not_resumable")
+                                 reason="not_resumable")
 
     def _texts(self, tokens: list[int], params: Any) -> tuple[str, str]:
         """The delivered tokens' text as vLLM's detokenizer made it, split into what it sent
@@ -217,7 +217,7 @@ class StreamTokens:
         elif body:
             if body.startswith(b'data: {"error"') and self.engine_dead():
                 # The engine died under this stream: let the router resume it on another replica.
-                raise ReplicaFailedError("The model's engine stopped during this stream.", cause="engine_died")
+                raise ReplicaFailedError("The model's engine stopped during this stream.", reason="engine_died")
             if self._created is not None:
                 body = _CREATED.sub(self._created, body, count=1)
         staged, self._staged = self._staged, None

@@ -44,7 +44,7 @@ from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
 from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
 from rayllm_app.router.http_errors import error_response, install_error_handlers, install_middleware
 from rayllm_app.router.middleware import set_request_model
-from rayllm_app.router.migration import retryable, trackable
+from rayllm_app.router.migration import Attempts, trackable
 from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
@@ -372,7 +372,7 @@ class Router:
         except BaseException:
             self.budgets.settle(admission, None, 400)
             raise
-        track = self.channels is not None and trackable(path, peek.data)
+        track = self.channels is not None and spec.migration_limit > 0 and trackable(path, peek.data)
         return await self._dispatch(forwarded, model, peek.stream, handle, timeout, admission, track)
 
     def _capacity(self, model: str) -> int | None:
@@ -443,8 +443,7 @@ class Router:
         extra = admission.headers if admission is not None else {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
-        limit = self.status.specs[model].migration_limit
-        attempts = 0
+        attempts = Attempts(self.status.specs[model].migration_limit)
         if not stream:
             while True:
                 response = handle.unary.remote(forwarded)
@@ -461,9 +460,8 @@ class Router:
                     raise
                 except Exception as error:  # noqa: BLE001 - every failure becomes an OpenAI error
                     failure = translate_serve_error(error, model)
-                    if retryable(failure, attempts, limit):
-                        attempts += 1
-                        record_migration(model, failure.cause, 0)
+                    if await attempts.allow(failure):
+                        record_migration(model, failure.reason, 0)  # type: ignore[attr-defined]
                         continue
                     done(None, failure.status_code)
                     return error_response(failure, model)
@@ -474,9 +472,8 @@ class Router:
                 started = await self.streams.start(handle, forwarded, model, timeout, deadline, track)
                 break
             except OpenAIError as error:
-                if retryable(error, attempts, limit):
-                    attempts += 1
-                    record_migration(model, error.cause, 0)  # type: ignore[attr-defined]
+                if await attempts.allow(error):
+                    record_migration(model, error.reason, 0)  # type: ignore[attr-defined]
                     continue
                 done(None, error.status_code)
                 return error_response(error, model)
@@ -492,6 +489,6 @@ class Router:
             started.close()
             done(first.usage, first.status_code)
             return _reply(first, extra)
-        return StreamingResponse(self.streams.relay(started, model, deadline, timeout, done, limit - attempts),
+        return StreamingResponse(self.streams.relay(started, model, deadline, timeout, done, attempts),
                                  headers={**first.headers, **SSE_HEADERS, **extra},
                                  media_type=first.headers.get("content-type"))

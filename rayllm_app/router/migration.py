@@ -19,12 +19,15 @@ from the start instead (nothing was sent), up to the same ``migration_limit``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 from rayllm_app.errors import OpenAIError, ReplicaFailedError
 
 TRACKED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+MAX_REJECTIONS = 20
+REJECTION_BACKOFF_S = 0.05
 _GRAMMAR_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 _ID = re.compile(rb'"id":"(?:chatcmpl|cmpl)-([^"]+)"')
 _CREATED = re.compile(rb'"created":(\d+)')
@@ -48,9 +51,29 @@ def trackable(path: str, data: dict[str, Any]) -> bool:
     return not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))
 
 
-def retryable(error: OpenAIError, attempts: int, limit: int) -> bool:
-    """Whether a request whose replica failed may go to another one (attempts so far)."""
-    return isinstance(error, ReplicaFailedError) and error.cause != "not_resumable" and attempts < limit
+class Attempts:
+    """A request's moves to another replica: at most ``limit`` after a failure; a replica that
+    refused it before starting (an unhealthy one Serve still routes to) costs no move, but
+    the retry waits a little longer each time, and at most MAX_REJECTIONS times."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.moves = 0
+        self.rejections = 0
+
+    async def allow(self, error: OpenAIError) -> bool:
+        if not isinstance(error, ReplicaFailedError) or self.limit <= 0 or error.reason == "not_resumable":
+            return False
+        if error.reason == "rejected":
+            self.rejections += 1
+            if self.rejections > MAX_REJECTIONS:
+                return False
+            await asyncio.sleep(min(REJECTION_BACKOFF_S * self.rejections, 1.0))
+            return True
+        if self.moves >= self.limit:
+            return False
+        self.moves += 1
+        return True
 
 
 def stream_identity(first: bytes) -> tuple[str | None, int | None]:

@@ -65,7 +65,7 @@ def translate_serve_error(error: BaseException, model: str) -> OpenAIError:
         return ModelUnavailableError(f"Model '{model}' is not available right now: {error}")
     if isinstance(error, (ray_exceptions.RayActorError, ray_exceptions.ActorDiedError, ChannelClosed)):
         return ReplicaFailedError(f"The replica serving model '{model}' stopped while handling this request; "
-                                  "retry it.", cause="channel_closed" if isinstance(error, ChannelClosed)
+                                  "retry it.", reason="channel_closed" if isinstance(error, ChannelClosed)
                                   else "replica_died")
     if isinstance(error, ray_exceptions.RayTaskError):
         cause = error.cause if hasattr(error, "cause") else None

@@ -29,7 +29,7 @@ from rayllm_app.observability.metrics import record_migration
 from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
 from rayllm_app.replica.resume import KEPT_HEADER, ResumeRequest
 from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
-from rayllm_app.router.migration import retryable, stream_identity
+from rayllm_app.router.migration import Attempts, stream_identity
 from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, translate_serve_error, watch_call
 
 logger = logging.getLogger(__name__)
@@ -95,11 +95,11 @@ class Streams:
         return StartedStream(call, first, sub, self.channels, handle, forwarded)
 
     def relay(self, started: StartedStream, model: str, deadline: float | None, timeout: float | None,
-              on_end: OnEnd, migration_limit: int = 0) -> AsyncIterator[bytes]:
+              on_end: OnEnd, attempts: Attempts | None = None) -> AsyncIterator[bytes]:
         first = started.first.body
         if started.sub is None:
             return self._relay_ray(first, started.call, model, deadline, timeout, on_end)
-        return self._relay_channel(first, started, model, deadline, timeout, on_end, migration_limit)
+        return self._relay_channel(first, started, model, deadline, timeout, on_end, attempts or Attempts(0))
 
     async def _open(self, handle: ModelCalls, forwarded: ForwardedRequest, model: str,
                     sub: Subscription | None, timeout: float | None,
@@ -134,16 +134,15 @@ class Streams:
         return first
 
     async def _relay_channel(self, first: bytes, started: StartedStream, model: str, deadline: float | None,
-                             timeout: float | None, on_end: OnEnd, migration_limit: int) -> AsyncIterator[bytes]:
+                             timeout: float | None, on_end: OnEnd, attempts: Attempts) -> AsyncIterator[bytes]:
         """Pass the channel's SSE frames through; a tracked stream whose replica fails resumes
-        on another (at most ``migration_limit`` times); any other failure mid-stream becomes
-        an error event."""
+        on another (as ``attempts`` allows); any other failure mid-stream becomes an error event."""
         current = [started]  # the call now relayed: a migration replaces it
         timer = None
         status = 499  # until the stream ends or fails: the client went away
         last = first
         delivered = array("I")  # token ids the client has from replicas that failed
-        migrations, resuming = 0, False
+        resuming = False
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(
                 deadline, lambda: current[0].sub.fail(RequestTimeoutError(timeout or 0)))
@@ -169,17 +168,17 @@ class Streams:
                 except Exception as error:  # noqa: BLE001
                     failure = translate_serve_error(error, model)
                     tokens = None if resuming else current[0].sub.tokens
-                    if (not retryable(failure, migrations, migration_limit) or answer_finished(last)
-                            or (not resuming and tokens is None)):
+                    if answer_finished(last) or (not resuming and tokens is None) or not await attempts.allow(failure):
                         raise failure from None
                     if not resuming:
                         delivered += tokens
                         current[0].close()
-                    migrations += 1
                     resuming = True
-                    record_migration(model, failure.cause, len(delivered))  # type: ignore[attr-defined]
-                    logger.warning("Resuming a stream of %s on another replica after %d tokens (%s): %s",
-                                   model, len(delivered), failure.cause, failure.message)  # type: ignore[attr-defined]
+                    reason = failure.reason  # type: ignore[attr-defined]
+                    if reason != "rejected":
+                        record_migration(model, reason, len(delivered))
+                        logger.warning("Resuming a stream of %s on another replica after %d tokens (%s): %s",
+                                       model, len(delivered), reason, failure.message)
             status = 200
         except OpenAIError as error:
             status = error.status_code

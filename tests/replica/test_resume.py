@@ -178,7 +178,7 @@ def test_an_error_event_from_a_dead_engine_becomes_a_replica_failure():
 
     with pytest.raises(ReplicaFailedError) as failure:
         asyncio.run(tracker.app(app)({}, None, send))
-    assert failure.value.cause == "engine_died"
+    assert failure.value.reason == "engine_died"
 
 
 class ByteTokenizer(Tokenizer):

@@ -11,6 +11,7 @@ import pytest
 from rayllm_app.replica.http_forward import Reply, Usage
 from rayllm_app.replica.stream_channel import RouterChannels
 from rayllm_app.router import streaming
+from rayllm_app.router.migration import Attempts
 from rayllm_app.router.streaming import StartedStream, Streams, answer_finished
 
 
@@ -172,7 +173,7 @@ def test_channel_relay_resumes_a_tracked_stream_once_within_the_limit(monkeypatc
         streams = Streams(channels, None)
         monkeypatch.setattr(streams, "start", start)
         ended: list = []
-        relay = streams.relay(started, "m", None, None, lambda u, s: ended.append((u, s)), migration_limit=limit)
+        relay = streams.relay(started, "m", None, None, lambda u, s: ended.append((u, s)), Attempts(limit))
         sub.push_tracked(bytearray(b"\x00\x00\x00\x02" + bytes([7, 0, 0, 0, 8, 0, 0, 0]) + b"data: c1\n\n"), 0, 22)
         sub.fail(ReplicaFailedError("replica died"))
         resumed_sub.push(b"data: [DONE]\n\n")
