@@ -20,20 +20,27 @@ class EngineProgress:
         self.stall_after_s = stall_after_s
         self.last_step = time.monotonic()
         self.waiting_since: float | None = None  # the first request submitted since the last step
+        self.declared = False  # called stalled, and no step since
 
     def step(self) -> None:
         self.last_step = time.monotonic()
         self.waiting_since = None
+        self.declared = False
 
     def submitted(self) -> None:
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
 
     def stalled(self, unfinished: int, now: float | None = None) -> float | None:
-        """Seconds without a step while requests waited, when past the limit; else None."""
+        """Seconds without a step while requests waited, when past the limit; else None. Once
+        stalled, the engine stays stalled until it steps again: failing its requests empties it,
+        and an empty engine that cannot step must not take new ones."""
+        now = time.monotonic() if now is None else now
+        if self.declared:
+            return now - self.last_step
         if unfinished <= 0:
             return None
-        now = time.monotonic() if now is None else now
         since = max(self.last_step, self.waiting_since or self.last_step)
         idle = now - since
-        return idle if idle > self.stall_after_s else None
+        self.declared = idle > self.stall_after_s
+        return idle if self.declared else None

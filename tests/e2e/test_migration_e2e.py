@@ -31,6 +31,15 @@ STREAMS = 16
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
+def migrate_config(tiny_model_path: Path) -> dict:
+    config = tiny_model_config(MODEL, tiny_model_path)
+    config["deployment_config"].update(
+        autoscaling_config={"min_replicas": 2, "max_replicas": 2}, migration_limit=1,
+        health_check_period_s=1, health_check_timeout_s=10, stall_timeout_s=3,
+        graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
+    return config
+
+
 @pytest.fixture(scope="module")
 def migrate_root(serve_root: str, tiny_model_path: Path):
     from ray import serve
@@ -39,12 +48,7 @@ def migrate_root(serve_root: str, tiny_model_path: Path):
     from rayllm_app.app import build_app
 
     os.environ.setdefault("RAYLLM_API_KEYS", f"{API_KEY},{LIMITED_KEY}:{TINY_A}")
-    config = tiny_model_config(MODEL, tiny_model_path)
-    config["deployment_config"].update(
-        autoscaling_config={"min_replicas": 2, "max_replicas": 2}, migration_limit=1,
-        health_check_period_s=1, health_check_timeout_s=10, stall_timeout_s=3,
-        graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
-    _run(build_app({"models": [config]}), name=APP, route_prefix=PREFIX, _blocking=False)
+    _run(build_app({"models": [migrate_config(tiny_model_path)]}), name=APP, route_prefix=PREFIX, _blocking=False)
     root = f"{serve_root}{PREFIX}"
     wait_for_models(root, {MODEL: "ready"}, timeout_s=600)
     replica_pids(2)
@@ -213,6 +217,28 @@ def test_kill_one_of_two_replicas_mid_load(migrate_root, reference):
           f"{max(r['gap'] for r in results):.2f} s")
     assert moved > before, "the killed replica held streams, which must have moved"
     replica_pids(2, exclude={victim})  # Serve replaced it: the next test has two replicas again
+
+
+def test_a_redeploy_shorter_than_the_streams_loses_none(migrate_root, tiny_model_path, reference):
+    """The model is redeployed (a new runtime env) while streams run, with a 2 s drain: the
+    old replicas are killed mid-stream, and their streams finish on the new ones, exact."""
+    from ray.serve.api import _run
+
+    from rayllm_app.app import build_app
+
+    old = set(replica_pids(2))
+    config = migrate_config(tiny_model_path)
+    config["engine_config"]["runtime_env"] = {"env_vars": {"RAYLLM_TEST_REDEPLOY": "2"}}
+
+    async def redeploy(progress: dict[int, int]) -> None:
+        await mid_stream(progress)
+        await asyncio.to_thread(_run, build_app({"models": [config]}), name=APP, route_prefix=PREFIX,
+                                _blocking=False)
+
+    results = asyncio.run(load(migrate_root, redeploy, streams=8))
+    assert_exact(results, reference[:8])
+    new = replica_pids(2, exclude=old)
+    assert not old & set(new)
 
 
 def test_stalled_engine_is_detected_and_its_streams_move(migrate_root, reference):
