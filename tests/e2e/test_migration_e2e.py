@@ -190,7 +190,6 @@ def test_uninterrupted_streams_are_tracked_without_a_difference(migrate_root, re
     not compare)."""
     again = asyncio.run(load(migrate_root, streams=4))
     assert_exact(again, reference[:4])
-    assert all(result["chunks"] >= TOKENS for result in reference)
 
 
 def test_kill_one_of_two_replicas_mid_load(migrate_root, reference):
