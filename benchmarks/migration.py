@@ -79,7 +79,8 @@ async def timed_stream(client, model: str, i: int, started: dict) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": f"story {i}"}], "max_tokens": STREAM_TOKENS,
             "temperature": 0, "ignore_eos": True, "stream": True}
     times, errors = [], 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 times.append(time.monotonic())
@@ -91,7 +92,7 @@ async def timed_stream(client, model: str, i: int, started: dict) -> dict:
             "median_gap_s": percentile(gaps, 50) or 0.0}
 
 
-def replica_pids(namespace_root: str, count: int, exclude: set[int], timeout_s: float = 300) -> list[int]:
+def replica_pids(count: int, exclude: set[int], timeout_s: float = 300) -> list[int]:
     """Distinct replica pids of ``tracked`` (ray.init onto rayllm run's cluster, a Serve handle)."""
     from ray import serve
 
@@ -207,10 +208,10 @@ def plot(report: dict, png: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--num-requests", type=int, default=384)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--streams", type=int, default=16)
@@ -274,13 +275,13 @@ def main(argv=None) -> int:
         ray.init(address="auto", namespace="serve", log_to_driver=False)
         report["pause_runs"].append({"kind": "no kill", "streams": asyncio.run(pause_run(base_url, args.streams, None))})
         for kill in range(args.kills):
-            pids = replica_pids(base_url, 2, set())
+            pids = replica_pids(2, set())
             victim = pids[0]
             log(f"kill {kill + 1}: replica {victim} of {pids}")
             streams = asyncio.run(pause_run(base_url, args.streams, victim))
             report["pause_runs"].append({"kind": "kill", "victim": victim, "streams": streams})
             log(f"longest gaps (ms): {sorted(round(s['max_gap_s'] * 1000) for s in streams)[-6:]}")
-            replica_pids(base_url, 2, {victim})  # replaced before the next kill
+            replica_pids(2, {victim})  # replaced before the next kill
         report["pause"] = pause_summary(report["pause_runs"])
     finally:
         server.stop()

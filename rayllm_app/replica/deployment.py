@@ -41,6 +41,7 @@ class ModelServer:
 
     idle_sleep: IdleSleep | None = None  # deployment_config.idle_sleep
     adapters: AdapterManager | None = None  # lora_config
+    _unhealthy = False  # the last health check failed: new requests are refused
 
     async def __init__(self, config: dict[str, Any]) -> None:
         self.timings: dict[str, float] = {"constructor_start": time.time()}
@@ -58,7 +59,6 @@ class ModelServer:
         self._channel: asyncio.Future[ReplicaChannelServer] | None = None
         self._pumps: set[asyncio.Task] = set()         # channel streams in flight
         self._failed_pumps: set[asyncio.Task] = set()  # cancelled because the engine stalled
-        self._unhealthy = False                         # the last health check failed
         self.idle_sleep = self._start_idle_sleep()
         if self.config.lora_config is not None:
             from rayllm_app.observability.metrics import ray_metric

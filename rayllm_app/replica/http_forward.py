@@ -98,7 +98,7 @@ async def call_asgi(app: Any, request: ForwardedRequest, sink: Sink | None = Non
         await disconnected.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    def deliver(message: dict[str, Any]) -> None:
         if direct is not None and message["type"] == "http.response.body":
             if chunk := message.get("body", b""):
                 direct(chunk, message.get(TOKENS_KEY))
@@ -106,6 +106,11 @@ async def call_asgi(app: Any, request: ForwardedRequest, sink: Sink | None = Non
                 messages.put_nowait(None)
             return
         messages.put_nowait(message)
+
+    async def send(message: dict[str, Any]) -> None:
+        deliver(message)
+
+    send.deliver = deliver  # type: ignore[attr-defined]  # synchronous, for rayllm_app.replica.resume
 
     async def run() -> None:
         try:

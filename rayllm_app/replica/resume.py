@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,7 +74,7 @@ class StreamTokens:
         self.held_text = ""        # text vLLM held back for stop-string matching at the break
         self._carry: list[int] = []
         self._staged: dict[str, Any] | None = None
-        self._send: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        self._send: Callable[[dict[str, Any]], None] | None = None
         self._created = b'"created":%d' % resume.created if resume and resume.created is not None else None
 
     # -------------------------------------------------------------- the engine's side
@@ -134,25 +134,22 @@ class StreamTokens:
         return text[:cut], text[cut:]
 
     async def follow(self, outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The engine's outputs as vLLM's layer should see them; each output's token ids are
-        committed to the chunk written for it once the layer asks for the next output."""
+        """A resumed stream's outputs as vLLM's layer should see them: the replay first, then
+        the engine's, under the client's prompt. (A new stream's outputs pass untouched; the
+        meter commits their ids, see commit.)"""
         try:
             async for output in outputs:
-                if self.resume is not None:
-                    if output.prompt_token_ids is not None:
-                        output.prompt_token_ids = self.prompt_ids
-                    if self.replaying:
-                        yield self._replay(output)
-                        self.replaying = False  # the layer has written the replay's bytes (dropped)
-                        if self.remaining <= 0:  # the break came after the last token: only the end is left
-                            yield self._finished(output)
-                            await self.commit(())
-                            return
-                        if self.held_text and output.outputs:
-                            output.outputs[0].text = self.held_text + output.outputs[0].text
+                if output.prompt_token_ids is not None:
+                    output.prompt_token_ids = self.prompt_ids
+                if self.replaying:
+                    yield self._replay(output)
+                    self.replaying = False  # the layer has written the replay's bytes (dropped)
+                    if self.remaining <= 0:  # the break came after the last token: only the end is left
+                        yield self._finished(output)
+                        return
+                    if self.held_text and output.outputs:
+                        output.outputs[0].text = self.held_text + output.outputs[0].text
                 yield output
-                completions = output.outputs
-                await self.commit(completions[0].token_ids if completions else ())
         finally:
             await outputs.aclose()  # closing this stream aborts the engine request now, not at GC
 
@@ -198,46 +195,50 @@ class StreamTokens:
         resuming, the replay's bytes dropped)."""
 
         async def tracked(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            self._send = send
+            self._send = send.deliver  # synchronous: commit runs inside the engine's output loop
             await app(scope, receive, self._on_send)
 
         return tracked
 
     async def _on_send(self, message: dict[str, Any]) -> None:
-        send = self._send
+        deliver = self._send
         if message["type"] != "http.response.body":
-            await send(message)
+            deliver(message)
             return
         body = message.get("body", b"")
-        more = message.get("more_body", False)
         if self.replaying:  # the client has these bytes from the replica that failed
-            if more:
+            if message.get("more_body", False):
                 return
-            body = b""
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
         elif body:
             if body.startswith(b'data: {"error"') and self.engine_dead():
                 # The engine died under this stream: let the router resume it on another replica.
                 raise ReplicaFailedError("The model's engine stopped during this stream.", reason="engine_died")
             if self._created is not None:
-                body = _CREATED.sub(self._created, body, count=1)
-        staged, self._staged = self._staged, None
+                message = {**message, "body": _CREATED.sub(self._created, body, count=1)}
+        staged = self._staged
         if staged is not None:
-            await send(staged)
-        if body and more and self.tracking:
-            self._staged = {"type": "http.response.body", "body": body, "more_body": True}
+            self._staged = None
+            deliver(staged)
+        if body and self.tracking and message.get("more_body", False):
+            self._staged = message
             return
-        await send({"type": "http.response.body", "body": body, "more_body": more})
+        deliver(message)
 
-    async def commit(self, tokens: Any) -> None:
-        """These tokens' text is written: send the chunk that holds it, with their ids."""
-        self._carry.extend(tokens)
-        staged, self._staged = self._staged, None
-        if staged is None:
+    def commit(self, tokens: Any) -> None:
+        """These tokens' text is written: send the chunk that holds it, with their ids (the
+        engine meter calls this when vLLM's layer asks for the next output)."""
+        if self.replaying:  # the replay's bytes were dropped; the router has its ids
             return
+        staged = self._staged
+        if staged is None:
+            self._carry.extend(tokens)
+            return
+        self._staged = None
         if self._carry:
-            staged[TOKENS_KEY] = self._carry
-            self._carry = []
-        await self._send(staged)
+            self._carry.extend(tokens)
+            tokens, self._carry = self._carry, []
+        self._send({**staged, TOKENS_KEY: tokens})
 
 
 STREAM_TOKENS: ContextVar[StreamTokens | None] = ContextVar("rayllm_stream_tokens", default=None)

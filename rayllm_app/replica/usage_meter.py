@@ -33,11 +33,16 @@ def _metered_generate(generate: Callable[..., AsyncIterator[Any]],
         if tokens is not None:
             prompt, sampling_params = tokens.prepare(prompt, sampling_params)
         outputs = generate(prompt, sampling_params, *args, **kwargs)
+        commit = None
         if tokens is not None and tokens.tracking:
-            outputs = tokens.follow(outputs)
+            commit = tokens.commit  # after each output's chunks are written: their token ids
+            if tokens.resume is not None:
+                outputs = tokens.follow(outputs)
         if usage is None:
             async for output in outputs:
                 yield output
+                if commit is not None:
+                    commit(output.outputs[0].token_ids if output.outputs else ())
             return
         # CUMULATIVE outputs repeat every token so far; DELTA and FINAL_ONLY carry new ones.
         cumulative = getattr(getattr(sampling_params, "output_kind", None), "name", "") == "CUMULATIVE"
@@ -55,6 +60,8 @@ def _metered_generate(generate: Callable[..., AsyncIterator[Any]],
                     else:
                         usage.completion_tokens += len(completion.token_ids)
                 yield output
+                if commit is not None:  # vLLM's layer asks for the next output: this one is written
+                    commit(output.outputs[0].token_ids if output.outputs else ())
         finally:
             usage.completion_tokens += sum(lengths.values())
             await outputs.aclose()

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from rayllm_app.errors import ReplicaFailedError
-from rayllm_app.replica.resume import TOKENS_KEY, ResumeRequest, StreamTokens
+from rayllm_app.replica.resume import STREAM_TOKENS, TOKENS_KEY, ResumeRequest, StreamTokens
+from rayllm_app.replica.usage_meter import _metered_generate
 
 
 class Kind(enum.Enum):
@@ -70,14 +71,17 @@ async def engine(items: list[Output]):
         yield item
 
 
-def serving_app(tracker: StreamTokens, items: list[Output]):
-    """vLLM's chat stream in miniature: a role chunk on the first output, a chunk per output
-    with text, then [DONE]; every chunk carries the stream's created (5)."""
+def serving_app(tracker: StreamTokens, items: list[Output], prompt: dict, params: Params):
+    """vLLM's chat stream in miniature, on the engine client as the replica meters it: a role
+    chunk on the first output, a chunk per output with text, then [DONE]; every chunk carries
+    the stream's created (5)."""
+    generate = _metered_generate(lambda *args, **kwargs: engine(items), lambda: None)
 
     async def app(scope, receive, send):
+        STREAM_TOKENS.set(tracker)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         first = True
-        async for output in tracker.follow(engine(items)):
+        async for output in generate(prompt, params):
             if first:
                 await send({"type": "http.response.body", "body": b'data: {"created":5,"role":1}\n\n',
                             "more_body": True})
@@ -92,23 +96,27 @@ def serving_app(tracker: StreamTokens, items: list[Output]):
     return app
 
 
-def run_app(tracker: StreamTokens, items: list[Output]) -> list[tuple[bytes, list[int] | None]]:
+def run_app(tracker: StreamTokens, items: list[Output], prompt: dict,
+            params: Params) -> list[tuple[bytes, list[int] | None]]:
     sent: list[tuple[bytes, list[int] | None]] = []
 
-    async def send(message):
+    def deliver(message):
         if message["type"] == "http.response.body" and message.get("body"):
             sent.append((message["body"], message.get(TOKENS_KEY)))
 
-    asyncio.run(tracker.app(serving_app(tracker, items))({}, None, send))
+    async def send(message):
+        deliver(message)
+
+    send.deliver = deliver
+    asyncio.run(tracker.app(serving_app(tracker, items, prompt, params))({}, None, send))
     return sent
 
 
 def test_each_outputs_ids_ride_on_its_last_chunk():
     tracker = StreamTokens()
-    tracker.prepare({"prompt_token_ids": [1, 2]}, Params())
-    assert tracker.tracking
     # The second output's text is held back (an incomplete character): its id waits for the next chunk.
-    sent = run_app(tracker, outputs([1, 2], [7, 8, 9], ["<7>", "", "<8><9>"]))
+    sent = run_app(tracker, outputs([1, 2], [7, 8, 9], ["<7>", "", "<8><9>"]), {"prompt_token_ids": [1, 2]}, Params())
+    assert tracker.tracking
     assert sent == [(b'data: {"created":5,"role":1}\n\n', None),   # the role chunk: no token yet
                     (b'data: {"created":5,"c":"<7>"}\n\n', [7]),
                     (b'data: {"created":5,"c":"<8><9>"}\n\n', [8, 9]),
@@ -140,7 +148,8 @@ def test_a_resumed_stream_continues_from_the_delivered_tokens():
 
     tracker.follow = spying  # type: ignore[method-assign]
     sent = run_app(tracker, [Output([Completion("<9>", [9])], [1, 2, 7, 8]),
-                             Output([Completion("<4>", [4], finish_reason="length")], None, True)])
+                             Output([Completion("<4>", [4], finish_reason="length")], None, True)],
+                   {"type": "token", "prompt_token_ids": [1, 2]}, Params(max_tokens=10, min_tokens=5))
     # The layer saw the replay first (the delivered ids and text, under the client's prompt) ...
     assert seen[0].outputs[0].token_ids == [7, 8] and seen[0].outputs[0].text == "<7><8>"
     assert seen[0].prompt_token_ids == [1, 2] and seen[1].prompt_token_ids == [1, 2]
@@ -154,7 +163,8 @@ def test_text_held_for_a_stop_string_is_sent_after_a_resume():
     tracker.prepare({"prompt_token_ids": [1]}, Params(stop=["xyz!"]))
     # vLLM held back the last 3 characters of "<7><8>" at the break: the client has "<7>".
     assert (tracker.replay_text, tracker.held_text) == ("<7>", "<8>")
-    sent = run_app(tracker, [Output([Completion("<9>", [9], finish_reason="length")], [1, 7, 8], True)])
+    sent = run_app(tracker, [Output([Completion("<9>", [9], finish_reason="length")], [1, 7, 8], True)],
+                   {"prompt_token_ids": [1]}, Params(stop=["xyz!"]))
     assert sent[0] == (b'data: {"created":5,"c":"<8><9>"}\n\n', [9])
 
 
@@ -162,7 +172,8 @@ def test_a_break_after_the_last_token_ends_the_stream_without_new_tokens():
     tracker = StreamTokens(ResumeRequest((7, 8), created=None), Tokenizer())
     _, params = tracker.prepare({"prompt_token_ids": [1]}, Params(max_tokens=2))
     assert params.max_tokens == 1 and tracker.remaining == 0
-    sent = run_app(tracker, [Output([Completion("<9>", [9])], [1, 7, 8])])
+    sent = run_app(tracker, [Output([Completion("<9>", [9])], [1, 7, 8])], {"prompt_token_ids": [1]},
+                   Params(max_tokens=2))
     assert sent == [(b"data: [DONE]\n\n", None)]  # nothing generated past max_tokens
 
 
@@ -175,6 +186,8 @@ def test_an_error_event_from_a_dead_engine_becomes_a_replica_failure():
 
     async def send(message):
         pass
+
+    send.deliver = lambda message: None
 
     with pytest.raises(ReplicaFailedError) as failure:
         asyncio.run(tracker.app(app)({}, None, send))
