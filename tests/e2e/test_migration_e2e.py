@@ -1,7 +1,7 @@
 """End to end: no stream lost when a replica dies or stalls (issue 20).
 
 One Serve application (``migrate``, under /migrate) serves the tiny Llama as ``tiny-migrate``
-on two replicas with ``migration_limit: 1``, a 1 s health check and a 3 s stall timeout. The
+on two replicas with ``migration_limit: 1``, a 1 s health check and a 10 s stall timeout. The
 reference for every stream is the same prompt's greedy answer, streamed through the same
 application before anything fails: a resumed stream must equal it character for character,
 with exact usage and one id and ``created`` throughout.
@@ -35,7 +35,8 @@ def migrate_config(tiny_model_path: Path) -> dict:
     config = tiny_model_config(MODEL, tiny_model_path)
     config["deployment_config"].update(
         autoscaling_config={"min_replicas": 2, "max_replicas": 2}, migration_limit=1,
-        health_check_period_s=1, health_check_timeout_s=10, stall_timeout_s=3,
+        # 10 s: on a loaded 2-core CI host a healthy engine has gone 3 s without a step.
+        health_check_period_s=1, health_check_timeout_s=10, stall_timeout_s=10,
         graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
     return config
 
@@ -264,8 +265,8 @@ def test_stalled_engine_is_detected_and_its_streams_move(migrate_root, reference
     assert stopped_at, "the engine was never stopped"
     assert_exact(results, reference)
     assert migrations(migrate_root, "stalled", 1) >= 1
-    # 3 s stall timeout + 1 s check period; the rest is Serve's and the resumed prefill's.
-    assert max(r["gap"] for r in results) < 20
+    # 10 s stall timeout + 1 s check period; the rest is Serve's and the resumed prefill's.
+    assert max(r["gap"] for r in results) < 60
     replica_pids(2, exclude={victim})
 
 
