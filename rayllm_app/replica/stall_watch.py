@@ -20,12 +20,11 @@ class EngineProgress:
         self.stall_after_s = stall_after_s
         self.last_step = time.monotonic()
         self.waiting_since: float | None = None  # the first request submitted since the last step
-        self.declared = False  # called stalled, and no step since
+        self.declared: float | None = None  # when it was called stalled: for good, see stalled()
 
     def step(self) -> None:
         self.last_step = time.monotonic()
         self.waiting_since = None
-        self.declared = False
 
     def submitted(self) -> None:
         if self.waiting_since is None:
@@ -33,14 +32,17 @@ class EngineProgress:
 
     def stalled(self, unfinished: int, now: float | None = None) -> float | None:
         """Seconds without a step while requests waited, when past the limit; else None. Once
-        stalled, the engine stays stalled until it steps again: failing its requests empties it,
-        and an empty engine that cannot step must not take new ones."""
+        stalled, always stalled: failing its requests empties the engine, and an engine that hung
+        once must not take new requests, even if it steps again before Ray Serve (three failed
+        checks in a row) replaces the replica."""
         now = time.monotonic() if now is None else now
-        if self.declared:
-            return now - self.last_step
+        if self.declared is not None:
+            return now - self.declared + self.stall_after_s
         if unfinished <= 0:
             return None
         since = max(self.last_step, self.waiting_since or self.last_step)
         idle = now - since
-        self.declared = idle > self.stall_after_s
-        return idle if self.declared else None
+        if idle <= self.stall_after_s:
+            return None
+        self.declared = now - (idle - self.stall_after_s)
+        return idle
