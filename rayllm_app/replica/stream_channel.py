@@ -273,10 +273,14 @@ class Subscription:
             waiter.set_result(None)
 
     def push(self, item: bytes | Reply) -> None:
-        if type(item) is Reply and item.tokens is not None:
-            self.tokens = array("I", item.tokens)
         self.items.append(item)
         self._wake()
+
+    def push_reply(self, reply: Reply) -> None:
+        """The stream's Reply; a tracked stream's starts its token ids (once per stream, not per chunk)."""
+        if reply.tokens is not None:
+            self.tokens = array("I", reply.tokens)
+        self.push(reply)
 
     def push_tracked(self, buffer: bytearray, start: int, end: int) -> None:
         """A TOKENS frame's payload (``buffer[start:end]``): its ids, then its bytes."""
@@ -355,7 +359,7 @@ class _RouterProtocol(asyncio.Protocol):
                     sub.end(Usage(*_USAGE.unpack_from(buffer, offset + header)) if length == _USAGE.size
                             else None)
                 else:
-                    sub.push(_decode_reply(bytes(buffer[offset + header:end])))
+                    sub.push_reply(_decode_reply(bytes(buffer[offset + header:end])))
             offset = end
         del buffer[:offset]
 

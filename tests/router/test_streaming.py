@@ -143,7 +143,7 @@ def test_ray_relay_reads_the_last_item_after_the_client_left():
 def _tracked(channels: RouterChannels, first: bytes, tokens: tuple[int, ...]):
     sub = channels.open(track=True)
     reply = Reply(200, first, {}, tokens=tokens)
-    sub.push(reply)
+    sub.push_reply(reply)
     sub.items.clear()  # start() has taken the Reply already
     return sub, reply
 
