@@ -71,6 +71,7 @@ def model_spec(config: ModelConfig) -> dict[str, Any]:
         "max_num_seqs": config.engine_config.engine_kwargs.get("max_num_seqs"),
         "idle_sleep": config.deployment_config.idle_sleep is not None,
         "migration_limit": config.deployment_config.migration_limit,
+        "routing": config.deployment_config.routing,
     }
 
 
@@ -92,7 +93,8 @@ def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None =
     settings = settings or RouterSettings()
     created = int(time.time())
     extra = {"server_cls": server_cls} if server_cls is not None else {}
-    handles = [build_model_deployment(config, **extra) for config in configs]
+    responses = settings.responses_store_args()
+    handles = [build_model_deployment(config, responses=responses, **extra) for config in configs]
     cards = [model_card(config, created) for config in configs]
     lora_models = [config.model_dump(mode="json") for config in configs if config.lora_config is not None]
     return router_deployment(settings).bind(handles, cards, [model_spec(config) for config in configs],

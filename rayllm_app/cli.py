@@ -47,7 +47,9 @@ def _router_settings(args: argparse.Namespace):
             cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
             max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
             stream_channel=args.stream_channel, replicas=args.router_replicas,
-            limits_store=args.limits_store, limits_store_failure=args.limits_store_failure)
+            limits_store=args.limits_store, limits_store_failure=args.limits_store_failure,
+            responses_store=args.responses_store,
+            responses_file=str(args.responses_file) if args.responses_file else None)
     except ValidationError as error:
         raise ConfigError(format_validation_error("rayllm run", error, "router settings")) from None
     try:
@@ -57,7 +59,7 @@ def _router_settings(args: argparse.Namespace):
     return settings
 
 
-def _limits_store(value: str) -> str:
+def _store_url(value: str) -> str:
     from rayllm_app.tenancy.stores import REDIS_SCHEMES
 
     value = value.strip()
@@ -238,13 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--router-replicas", type=int, default=1, metavar="N",
                      help="router replicas (1-64): more routers for more requests per second; key budgets "
                      "hold across all of them")
-    run.add_argument("--limits-store", type=_limits_store, default=None, metavar="URL",
+    run.add_argument("--limits-store", type=_store_url, default=None, metavar="URL",
                      help="where key budgets and usage history live, shared by the routers: 'embedded' "
                      "(default: a Ray actor, nothing else to run) or a Redis URL (redis://host:6379/0) "
                      "that outlives the Ray cluster")
     run.add_argument("--limits-store-failure", choices=("open", "closed"), default="open",
                      help="when the limits store is unreachable: 'open' serves without budgets (logged), "
                      "'closed' answers 503 (default: open)")
+    run.add_argument("--responses-store", type=_store_url, default=None, metavar="URL",
+                     help="where stored Responses (store: true) live, so a previous_response_id continues on "
+                     "any replica: 'embedded' (default: a Ray actor with an SQLite file on the head node) "
+                     "or a Redis URL")
+    run.add_argument("--responses-file", type=Path, default=None, metavar="PATH",
+                     help="the embedded responses store's file (default ~/.cache/rayllm/responses.sqlite3)")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check model YAMLs against the schema (no Ray needed)")

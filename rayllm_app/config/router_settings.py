@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RouterSettings(BaseModel):
@@ -38,6 +38,14 @@ class RouterSettings(BaseModel):
         "open", description="When the limits store cannot be reached: 'open' serves without "
         "enforcing budgets (logged), 'closed' answers 503.")
     limits_store_timeout_s: float = Field(0.5, gt=0, le=30, description="How long one store call may take.")
+    responses_store: str | None = Field(
+        None, description="Where stored Responses (store: true) and their conversations live, shared by "
+        "every router and model replica, so a previous_response_id continues on any replica: unset or "
+        "'embedded' for a Ray actor with an SQLite file on the head node (responses_file), or a Redis URL.")
+    responses_file: str | None = Field(
+        None, description="The embedded responses store's file (default ~/.cache/rayllm/responses.sqlite3).")
+    responses_ttl_s: float = Field(
+        30 * 24 * 3600.0, gt=0, description="How long a stored response is kept (OpenAI: 30 days).")
     low_priority_share: float = Field(
         0.75, gt=0, le=1, description="Share of a model's engine batch slots (max_num_seqs x replicas) "
         "that low-priority keys may hold; past it they wait at the router, so normal and high "
@@ -47,3 +55,15 @@ class RouterSettings(BaseModel):
     propagate_env: list[str] = Field(
         default_factory=lambda: ["RAYLLM_API_KEYS"],
         description="Variables copied from the building environment into the router's replicas.")
+
+    @field_validator("responses_store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "embedded" or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError("use 'embedded' (or leave it unset) or a Redis URL: redis://host:port/db, "
+                         "rediss://host:port/db or unix:///path/to/redis.sock")
+
+    def responses_store_args(self) -> dict[str, object]:
+        """``open_response_store``'s arguments, for the router and every model replica."""
+        return {"url": self.responses_store, "path": self.responses_file, "ttl_s": self.responses_ttl_s}

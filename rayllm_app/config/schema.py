@@ -32,6 +32,7 @@ from rayllm_app.config.rayllm_compat import (
     normalize_generate_kwargs,
     vllm_dtype,
 )
+from rayllm_app.config.routing_config import RoutingConfig
 from rayllm_app.config.s3_config import S3MirrorConfig
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class DeploymentConfig(StrictModel):
     stall_timeout_s: float = Field(
         60.0, gt=0, description="A replica whose engine makes no step for this long while requests wait "
         "fails its health check and is replaced; its requests move to another replica.")
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="How a request's replica is chosen (rayllm_app.config.routing_config).")
 
     @model_validator(mode="before")
     @classmethod

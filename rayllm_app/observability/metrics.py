@@ -295,6 +295,9 @@ class EngineStats:
         self.ttft = metric("rayllm_time_to_first_token_seconds")
         self.itl = metric("rayllm_inter_token_latency_seconds")
         self._last: tuple[int, int, float] | None = None
+        # Since the engine started, in this replica (the metrics above sum all replicas): what
+        # replica_info reports, e.g. to see which replica a routing policy sent a prefix to.
+        self.prefix_totals = {"queries": 0, "hits": 0}
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         tags = self.tags
@@ -322,8 +325,10 @@ class EngineStats:
             prefix = scheduler_stats.prefix_cache_stats
             if prefix is not None and prefix.queries > 0:
                 self.prefix_queries.inc(prefix.queries, tags=tags)
+                self.prefix_totals["queries"] += prefix.queries
                 if prefix.hits > 0:
                     self.prefix_hits.inc(prefix.hits, tags=tags)
+                    self.prefix_totals["hits"] += prefix.hits
 
     def initialized(self) -> None:
         """Publish the idle state at once, so the gauges exist before any request."""

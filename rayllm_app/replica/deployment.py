@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from rayllm_app.config import ModelConfig, parse_model_config
+from rayllm_app.conversations import open_response_store
 from rayllm_app.errors import ReplicaFailedError
 from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import ModelMetrics, status_of
@@ -24,6 +25,7 @@ from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Sink, Usage
 from rayllm_app.replica.idle_sleep import IdleSleep
 from rayllm_app.replica.lora_adapters import AdapterManager
 from rayllm_app.replica.request_defaults import RequestDefaults
+from rayllm_app.replica.responses_state import ResponsesState
 from rayllm_app.replica.resume import STREAM_TOKENS, ResumeRequest, StreamTokens
 from rayllm_app.replica.stream_channel import (
     ChannelRequest,
@@ -43,7 +45,7 @@ class ModelServer:
     adapters: AdapterManager | None = None  # lora_config
     _unhealthy = False  # the last health check failed: new requests are refused
 
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any], responses: dict[str, Any] | None = None) -> None:
         self.timings: dict[str, float] = {"constructor_start": time.time()}
         from rayllm_app.replica.engine import VLLMEngine
         from rayllm_app.storage.model_source import resolve_model_path
@@ -60,6 +62,8 @@ class ModelServer:
         self._pumps: set[asyncio.Task] = set()         # channel streams in flight
         self._failed_pumps: set[asyncio.Task] = set()  # cancelled because the engine stalled
         self.idle_sleep = self._start_idle_sleep()
+        self.responses = ResponsesState(open_response_store(**responses), self.engine, self.config.model_id) \
+            if responses is not None else None
         if self.config.lora_config is not None:
             from rayllm_app.observability.metrics import ray_metric
 
@@ -186,8 +190,10 @@ class ModelServer:
             watch(chunk)
             sink(chunk, tokens)
 
-        items = self.engine.handle(request, metered if sink is not None else None,
-                                   tracker.app if tracker is not None else None)
+        wrap = tracker.app if tracker is not None else None
+        if self.responses is not None and request.path == "/v1/responses" and request.method == "POST":
+            wrap = self.responses.wrap
+        items = self.engine.handle(request, metered if sink is not None else None, wrap)
         try:
             async for item in items:
                 if isinstance(item, Reply):
@@ -228,12 +234,12 @@ class ModelServer:
         channel = self._channel.result() if self._channel is not None and self._channel.done() \
             and not self._channel.exception() else None
         return {**replica_placement(), "timings": {**self.timings, "process_start": _process_start_time()},
-                "engine_pids": self.engine.child_pids(),
+                "engine_pids": self.engine.child_pids(), "prefix_cache": self.engine.prefix_cache_totals(),
                 "stream_channel": channel.describe() if channel is not None else None}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve asks every few seconds (models with lora_config): the adapters held here,
-        for the request router's replica choice (routing.adapter_affinity), and their loads."""
+        for the request router's replica choice (routing.adapter_affinity, via routing.replica_router), and their loads."""
         if self.adapters is None:
             return {}
         return {"adapters": self.adapters.held(), "adapter_loads": dict(self.adapters.loads)}
@@ -362,7 +368,10 @@ def placement_bundles(config: ModelConfig) -> tuple[list[dict[str, float]], dict
     return [replica_bundle] + [dict(worker) for _ in range(scaling.num_workers)], actor_options
 
 
-def build_model_deployment(config: ModelConfig, server_cls: type = ModelServer) -> Application:
+def build_model_deployment(config: ModelConfig, server_cls: type = ModelServer,
+                           responses: dict[str, Any] | None = None) -> Application:
+    """The model's deployment; ``responses``: the shared responses store's arguments
+    (``open_response_store``), or None to keep stored responses in each replica, as vLLM does."""
     deployment = config.deployment_config
     bundles, actor_options = placement_bundles(config)
     return serve.deployment(server_cls).options(
@@ -382,14 +391,18 @@ def build_model_deployment(config: ModelConfig, server_cls: type = ModelServer) 
         # replica call would repeat it, at about 0.1 ms of the replica's CPU each.
         logging_config={"enable_access_log": False},
         **_request_router(config),
-    ).bind(config.model_dump(mode="json"))
+    ).bind(config.model_dump(mode="json"), responses)
 
 
 def _request_router(config: ModelConfig) -> dict[str, Any]:
-    """Models with LoRA adapters route adapter requests to where the adapter is loaded; the
-    others keep Serve's default router."""
-    if config.lora_config is None:
+    """Models with LoRA adapters, or an affinity routing policy, get our request router
+    (rayllm_app.routing.replica_router); the others keep Serve's default."""
+    routing = config.deployment_config.routing
+    if config.lora_config is None and routing.policy == "power_of_two":
         return {}
-    from rayllm_app.routing.adapter_affinity import request_router_config
+    from rayllm_app.routing.replica_router import request_router_config
 
-    return {"request_router_config": request_router_config(config.lora_config.load_guard)}
+    lora = config.lora_config
+    return {"request_router_config": request_router_config(
+        adapter_load_guard=lora.load_guard if lora is not None else routing.load_guard,
+        load_guard=routing.load_guard, index_size=routing.index_size, policy=routing.policy)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import re
@@ -201,6 +202,59 @@ class VLLMEngine:
         if request is not None:
             await self._engine.remove_lora(request.lora_int_id)
 
+    # vLLM's own Responses store (dicts on its serving object), exported to and loaded from
+    # the shared one by rayllm_app.replica.responses_state.
+    def _responses(self) -> Any:
+        return getattr(self.app.state, "openai_serving_responses", None)
+
+    def holds_response(self, response_id: str) -> bool:
+        serving = self._responses()
+        return serving is not None and response_id in serving.response_store
+
+    def stored_response(self, response_id: str) -> tuple[bytes, bytes] | None:
+        """A response vLLM stored here, and the messages its turn was rendered from, as JSON."""
+        import pydantic_core
+
+        serving = self._responses()
+        response = serving.response_store.get(response_id) if serving is not None else None
+        if response is None:
+            return None
+        messages = serving.msg_store.get(response_id) or []
+        return (response.model_dump_json(by_alias=True).encode(),
+                pydantic_core.to_json(messages, fallback=_harmony_dict))
+
+    def hold_response(self, response_id: str, response: bytes, messages: bytes) -> None:
+        """Give vLLM a stored response (from the shared store) as if it had answered it here."""
+        from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+
+        serving = self._responses()
+        loaded = json.loads(messages)
+        if getattr(serving, "use_harmony", False):
+            from openai_harmony import Message
+
+            loaded = [Message.from_dict(item) for item in loaded]
+        serving.msg_store[response_id] = loaded
+        serving.response_store[response_id] = ResponsesResponse.model_validate_json(response)
+
+    def drop_response(self, response_id: str) -> None:
+        """Forget a response vLLM holds (it lives in the shared store): vLLM's dicts never shrink."""
+        serving = self._responses()
+        if serving is not None:
+            serving.response_store.pop(response_id, None)
+            serving.msg_store.pop(response_id, None)
+
+    def prefix_cache_totals(self) -> dict[str, int]:
+        """Prompt tokens this engine looked up in its prefix cache, and found, since it started."""
+        totals = {"queries": 0, "hits": 0}
+        manager = getattr(self._engine, "logger_manager", None)
+        for adapter in getattr(manager, "stat_loggers", None) or ():
+            # Ours is a per-engine logger: vLLM wraps it in an adapter holding one per engine.
+            for stat_logger in (getattr(adapter, "per_engine_stat_loggers", None) or {}).values():
+                own = getattr(getattr(stat_logger, "stats", None), "prefix_totals", None)
+                if own is not None:
+                    totals = {name: totals[name] + own[name] for name in totals}
+        return totals
+
     @property
     def errored(self) -> bool:
         return bool(self._engine.errored)
@@ -218,6 +272,13 @@ class VLLMEngine:
         if self._stats_task is not None:
             self._stats_task.cancel()
         self._engine.shutdown()
+
+
+def _harmony_dict(item: Any) -> Any:
+    """JSON for what pydantic cannot write itself: harmony messages (gpt-oss) have to_dict."""
+    if hasattr(item, "to_dict"):
+        return item.to_dict()
+    raise TypeError(f"cannot store {type(item).__name__} in a response's messages")
 
 
 def _max_tokens_as_default(app: Any) -> None:

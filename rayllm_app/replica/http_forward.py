@@ -33,6 +33,9 @@ class ForwardedRequest:
     body: bytes = b""
     query: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    # Read by the model's request router, not by the replica: the request's session or prompt
+    # prefix keys (rayllm_app.router.affinity); () for power-of-two routing.
+    affinity: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import time
 import logging
-import uuid
-from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -40,6 +38,7 @@ from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest,
 from rayllm_app.replica.sleep_registry import sleep_command
 from rayllm_app.replica.stream_channel import RouterChannels
 from rayllm_app.router.adapters import AdapterCatalog, AdapterRoute
+from rayllm_app.router.affinity import AFFINITY_POLICIES, affinity_keys
 from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
 from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
 from rayllm_app.router.http_errors import error_response, install_error_handlers, install_middleware
@@ -48,6 +47,7 @@ from rayllm_app.router.migration import Attempts, trackable
 from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
+from rayllm_app.router.stored_responses import StoredResponses, owner_header, with_response_id
 from rayllm_app.router.streaming import Streams
 from rayllm_app.router.protocol import (
     ENDPOINT_CAPABILITIES,
@@ -66,7 +66,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 FORWARDED_OPENAPI = {"requestBody": {"required": True,
                                      "content": {"application/json": {"schema": FORWARDED_BODY_SCHEMA}}}}
-RESPONSE_IDS_KEPT = 100_000  # response id -> model, for GET /v1/responses/{id}
 
 app = FastAPI(
     title="rayllm-app",
@@ -85,17 +84,6 @@ def _reply(reply: Reply, extra: dict[str, str]) -> Response:
 def _forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
     headers = request.headers
     return tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers)
-
-
-def _with_response_id(raw: bytes, data: dict[str, Any]) -> tuple[bytes, str]:
-    """A /v1/responses body and its response id: the client's ``request_id``, or one we add
-    (spliced into the bytes), so the router knows which model holds the stored response."""
-    given = data.get("request_id")
-    if isinstance(given, str) and given:
-        return raw, given
-    response_id = f"resp_{uuid.uuid4().hex}"
-    start = raw.index(b"{") + 1  # the body is a JSON object with at least "model"
-    return raw[:start] + b'"request_id":' + json.dumps(response_id).encode() + b"," + raw[start:], response_id
 
 
 @serve.deployment(
@@ -118,7 +106,7 @@ class Router:
         # Base models with lora_config (their model files): which names are their adapters.
         self.adapters = AdapterCatalog([parse_model_config(config, f"model '{config['engine_config']['model_id']}'")
                                         for config in lora_models or ()])
-        self.response_models: OrderedDict[str, str] = OrderedDict()
+        self.stored = StoredResponses(self.settings)
         self.status = ModelStatusTracker(serve.get_replica_context().app_name,
                                          [ModelSpec(**spec) for spec in specs])
         self.status.start()
@@ -292,7 +280,19 @@ class Router:
 
     @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
     async def retrieve_response(self, response_id: str, request: Request) -> Response:
+        """From the shared store; a response it does not hold (a background one, still running
+        or streamed from ``starting_after``) from the model that holds it."""
+        if request.query_params.get("stream", "false").lower() != "true":
+            caller = self._caller(request)
+            item = await self.stored.find(response_id, caller.name if caller is not None else None)
+            if item is not None:
+                return Response(item.response, media_type="application/json")
         return await self._forward_stored_response(request, response_id, f"/v1/responses/{response_id}")
+
+    @app.delete("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def delete_response(self, response_id: str, request: Request) -> JSONResponse:
+        caller = self._caller(request)
+        return JSONResponse(await self.stored.delete(response_id, caller.name if caller is not None else None))
 
     @app.post("/v1/responses/{response_id}/cancel", responses=ERROR_RESPONSES)
     async def cancel_response(self, response_id: str, request: Request) -> Response:
@@ -365,10 +365,15 @@ class Router:
         try:
             if caller is not None and spec.priority_scheduling and path in PRIORITY_PATHS:
                 raw = with_priority(raw, PRIORITY_VALUES[caller.priority])
+            headers = _forwarded_headers(request)
+            response_id = None
             if path == "/v1/responses":
-                raw, response_id = _with_response_id(raw, peek.data)
-                self._remember_response(response_id, model)
-            forwarded = ForwardedRequest("POST", path, raw, request.url.query, _forwarded_headers(request))
+                raw, response_id = with_response_id(raw, peek.data)
+                self.stored.remember(response_id, model)
+                headers += owner_header(caller.name if caller is not None else None)
+            affinity = affinity_keys(spec.routing, path, peek.data, request.headers, response_id) \
+                if spec.routing.policy in AFFINITY_POLICIES else ()
+            forwarded = ForwardedRequest("POST", path, raw, request.url.query, headers, affinity)
         except BaseException:
             self.budgets.settle(admission, None, 400)
             raise
@@ -406,12 +411,6 @@ class Router:
         if limit is not None and isinstance(n, int) and not isinstance(n, bool) and n > limit:
             raise InvalidRequestError(f"n must be at most {limit} for model '{model}'.", param="n")
 
-    def _remember_response(self, response_id: str, model: str) -> None:
-        self.response_models[response_id] = model
-        self.response_models.move_to_end(response_id)
-        while len(self.response_models) > RESPONSE_IDS_KEPT:
-            self.response_models.popitem(last=False)
-
     async def _forward_stored_response(self, request: Request, response_id: str, path: str) -> Response:
         """GET or cancel a stored response: at the model that answered it, where the router
         remembers it; otherwise every running model that serves responses is asked in turn (a
@@ -419,7 +418,7 @@ class Router:
         replica holds no stored response, so it is not woken for this."""
         caller = self._caller(request)
         timeout = self._timeout(request)
-        known = self.response_models.get(response_id)
+        known = self.stored.models.get(response_id)
         candidates = [known] if known else [
             m for m, caps in self.capabilities.items() if "responses" in caps
             and (caller is None or caller.allows(m)) and self.status.state(m).state == READY]

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayllm_app.config.routing_config import RoutingConfig
+
 logger = logging.getLogger(__name__)
 
 READY, STARTING, IDLE, FAILED = "ready", "starting", "scaled_to_zero", "failed"
@@ -38,6 +40,7 @@ class ModelSpec:
     max_num_seqs: int | None = None          # the engine's batch slots per replica, when set
     idle_sleep: bool = False                 # deployment_config.idle_sleep: replicas may sleep
     migration_limit: int = 0                 # deployment_config.migration_limit (rayllm_app.router.migration)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # deployment_config.routing
 
 
 @dataclass

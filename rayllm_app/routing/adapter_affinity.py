@@ -1,9 +1,9 @@
 """Replica choice for models with LoRA adapters: send an adapter's requests to a replica that
 holds it, with a load guard.
 
-Ray Serve runs this router in the caller's process (our router's replicas) for every handle
-call to a model deployment with ``lora_config``; the call's ``multiplexed_model_id`` names the
-adapter. Replicas report the adapters they hold in their routing stats (every
+Ray Serve runs our request router (rayllm_app.routing.replica_router) in the caller's process
+(our router's replicas) for every handle call to a model deployment with ``lora_config``; the
+call's ``multiplexed_model_id`` names the adapter. Replicas report the adapters they hold in their routing stats (every
 ``STATS_PERIOD_S``). For an adapter request:
 
 1. replicas that report holding the adapter come first;
@@ -24,11 +24,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RunningReplica
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-
-STATS_PERIOD_S = 2.0
-STATS_TIMEOUT_S = 2.0
 DEFAULT_LOAD_GUARD = 8
 
 
@@ -60,35 +55,3 @@ def rank_for_adapter(adapter: str, replicas: list[Any], holders: set[str], queue
         others.sort(key=lambda r: queue_len.get(rid(r), 0))
         return [others, preferred]
     return [preferred, others] if others else [preferred]
-
-
-class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
-    """Serve's power-of-two router, with adapter requests sent where the adapter is loaded."""
-
-    def initialize_state(self, load_guard: int = DEFAULT_LOAD_GUARD, **kwargs: Any) -> None:
-        self.load_guard = load_guard
-
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        if not adapter:
-            return await super().choose_replicas(candidate_replicas, pending_request)
-        holders = {r.replica_id.unique_id for r in candidate_replicas
-                   if adapter in ((r.routing_stats or {}).get("adapters") or ())}
-        cache = self.replica_queue_len_cache
-        queue_len = {r.replica_id.unique_id: cache.get(r.replica_id) or 0 for r in candidate_replicas}
-        return rank_for_adapter(adapter, candidate_replicas, holders, queue_len,
-                                getattr(self, "load_guard", DEFAULT_LOAD_GUARD))
-
-
-def request_router_config(load_guard: int) -> Any:
-    """The deployment option that installs this router, with the replicas' stats reported
-    often enough that a new adapter's holder is known within seconds."""
-    from ray.serve.config import RequestRouterConfig
-
-    return RequestRouterConfig(
-        request_router_class=f"{__name__}:AdapterAffinityRouter",
-        request_router_kwargs={"load_guard": load_guard},
-        request_routing_stats_period_s=STATS_PERIOD_S,
-        request_routing_stats_timeout_s=STATS_TIMEOUT_S,
-    )

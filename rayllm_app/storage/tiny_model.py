@@ -58,8 +58,11 @@ def _train_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
-def build_tiny_llama(target: Path, *, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
-    """Write the model folder at ``target`` (atomically) unless it already exists."""
+def build_tiny_llama(target: Path, *, seed: int = 0, max_position_embeddings: int = 2048,
+                     hidden_size: int = 128, num_hidden_layers: int = 2) -> Path:
+    """Write the model folder at ``target`` (atomically) unless it already exists. A larger
+    ``hidden_size`` (a multiple of 64: heads of 64) makes prefill costly, e.g. for the routing
+    benchmark, where a prefix-cache hit must save real work."""
     target = Path(target)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
@@ -72,11 +75,11 @@ def build_tiny_llama(target: Path, *, seed: int = 0, max_position_embeddings: in
         torch.manual_seed(seed)
         config = LlamaConfig(
             vocab_size=max(vocab_size, 512),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=hidden_size // 64,
+            num_key_value_heads=hidden_size // 64,
             head_dim=64,
             max_position_embeddings=max_position_embeddings,
             bos_token_id=1,

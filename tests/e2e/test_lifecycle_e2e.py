@@ -21,7 +21,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 class ProbeServer:
     """Stands in for the model server where only the worker-group reservation is under test."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, responses: dict | None = None) -> None:
         self.config = config
 
     def replica_info(self) -> dict:

@@ -1,7 +1,9 @@
-"""End to end: no stream lost when a replica dies or stalls (issue 20).
+"""End to end: no stream lost when a replica dies or stalls (issue 20); and, on the same two
+replicas, prefix-aware routing and stored Responses that outlive their replicas (issue 17).
 
 One Serve application (``migrate``, under /migrate) serves the tiny Llama as ``tiny-migrate``
-on two replicas with ``migration_limit: 1``, a 1 s health check and a 10 s stall timeout. The
+on two replicas with ``migration_limit: 1``, a 1 s health check, a 10 s stall timeout and
+``routing.policy: prefix_aware``. The
 reference for every stream is the same prompt's greedy answer, streamed through the same
 application before anything fails: a resumed stream must equal it character for character,
 with exact usage and one id and ``created`` throughout.
@@ -29,6 +31,7 @@ PREFIX = "/migrate"
 TOKENS = 200
 STREAMS = 16
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+PREFIX_LOAD_GUARD = 2
 
 
 def migrate_config(tiny_model_path: Path) -> dict:
@@ -37,19 +40,33 @@ def migrate_config(tiny_model_path: Path) -> dict:
         autoscaling_config={"min_replicas": 2, "max_replicas": 2}, migration_limit=1,
         # 10 s: on a loaded 2-core CI host a healthy engine has gone 3 s without a step.
         health_check_period_s=1, health_check_timeout_s=10, stall_timeout_s=10,
-        graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
+        graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5,
+        # Issue 17: prompts of a whole block or more go where their prefix went (the stories
+        # below are shorter than a block, so they are routed by load, as before).
+        routing={"policy": "prefix_aware", "load_guard": PREFIX_LOAD_GUARD})
     return config
 
 
 @pytest.fixture(scope="module")
-def migrate_root(serve_root: str, tiny_model_path: Path):
+def responses_store(request) -> str | None:
+    """This app keeps stored Responses in a real Redis (the session's), or in the embedded
+    store where redis-server is not installed (the migration tests need no Redis)."""
+    try:
+        return request.getfixturevalue("redis_url")
+    except pytest.skip.Exception:
+        return None
+
+
+@pytest.fixture(scope="module")
+def migrate_root(serve_root: str, tiny_model_path: Path, responses_store: str | None):
     from ray import serve
     from ray.serve.api import _run
 
     from rayllm_app.app import build_app
 
     os.environ.setdefault("RAYLLM_API_KEYS", f"{API_KEY},{LIMITED_KEY}:{TINY_A}")
-    _run(build_app({"models": [migrate_config(tiny_model_path)]}), name=APP, route_prefix=PREFIX, _blocking=False)
+    app = build_app({"models": [migrate_config(tiny_model_path)], "router": {"responses_store": responses_store}})
+    _run(app, name=APP, route_prefix=PREFIX, _blocking=False)
     root = f"{serve_root}{PREFIX}"
     wait_for_models(root, {MODEL: "ready"}, timeout_s=600)
     replica_pids(2)
@@ -297,3 +314,86 @@ def test_past_the_migration_limit_the_client_gets_the_error(migrate_root):
     assert result["errors"], "the second failure is past the limit: an error event"
     assert result["errors"][-1]["code"] == "replica_failed", result["errors"]
     assert result["done"]
+
+
+def prefix_cache_by_replica(count: int = 2, timeout_s: float = 120) -> dict[int, dict[str, int]]:
+    """Each running replica's prefix-cache totals (pid -> {queries, hits}), once all ``count`` answered."""
+    seen: dict[int, dict[str, int]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < count and time.monotonic() < deadline:
+        try:
+            info = replica_info()
+        except Exception:  # noqa: BLE001
+            time.sleep(0.5)
+            continue
+        seen[info["pid"]] = info["prefix_cache"]
+    assert len(seen) == count, f"only {len(seen)} replicas answered"
+    return seen
+
+
+def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_until_the_load_guard_trips(migrate_root):
+    """Six requests, one after another, sharing a long system prompt, all reach one replica,
+    whose prefix cache then serves the shared blocks (its hit counter grows; the other replica
+    sees none of them). Then concurrent requests with that prefix: past the load guard the
+    other replica takes some (its lookups grow too)."""
+    system = "You are a meticulous travel assistant. Answer with dates, places and prices. " * 20
+    client = httpx.Client(base_url=migrate_root, headers=HEADERS, timeout=300)
+
+    def ask(question: str, tokens: int = 4) -> None:
+        body = {"model": MODEL, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+
+    before = prefix_cache_by_replica()
+    for n in range(6):
+        ask(f"Plan day {n} in Lisbon.")
+    after = prefix_cache_by_replica()
+    lookups = {pid: after[pid]["queries"] - before[pid]["queries"] for pid in after}
+    hits = {pid: after[pid]["hits"] - before[pid]["hits"] for pid in after}
+    target = max(lookups, key=lookups.get)
+    other = next(pid for pid in after if pid != target)
+    assert lookups[other] == 0, (lookups, hits)
+    assert hits[target] >= 5 * 128, (lookups, hits)  # five requests reused the ~350-token system prompt (whole cache blocks of it)
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=migrate_root, headers=HEADERS, timeout=300) as burst_client:
+            async def one(n: int) -> None:
+                body = {"model": MODEL, "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+                        "messages": [{"role": "system", "content": system},
+                                     {"role": "user", "content": f"Plan week {n} in Porto."}]}
+                response = await burst_client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+            await asyncio.gather(*(one(n) for n in range(4 * (PREFIX_LOAD_GUARD + 1))))
+    asyncio.run(burst())
+    spread = prefix_cache_by_replica()
+    assert spread[other]["queries"] > after[other]["queries"], "the load guard never sent the hot prefix elsewhere"
+
+
+def test_a_stored_response_continues_after_every_replica_that_held_it_is_gone(migrate_root, responses_store):
+    """Issue 17: stored Responses live in the shared store (Redis here, when installed), not in
+    a replica. Create one, continue it, SIGKILL both replicas, and continue it again on their
+    replacements: the same greedy answer, and GET still returns it."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{migrate_root}/v1", api_key=API_KEY, max_retries=2, timeout=300)
+    turn = {"max_output_tokens": 12, "temperature": 0}
+    first = client.responses.create(model=MODEL, input="Name a colour.", store=True, **turn)
+    before = client.responses.create(model=MODEL, input="And another?", previous_response_id=first.id, **turn)
+    old = replica_pids(2)
+    for pid, engines in old.items():
+        for victim in (pid, *engines):
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    replica_pids(2, exclude=set(old), timeout_s=600)
+    wait_for_models(migrate_root, {MODEL: "ready"}, timeout_s=600)
+    after = client.responses.create(model=MODEL, input="And another?", previous_response_id=first.id, **turn)
+    assert (after.status, after.output_text, after.usage.model_dump()) == \
+           (before.status, before.output_text, before.usage.model_dump()), f"store: {responses_store or 'embedded'}"
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    if responses_store is not None:  # it is in Redis itself, under the default prefix
+        import redis
+
+        assert redis.Redis.from_url(responses_store).exists(f"rayllm:response:{first.id}") == 1

@@ -1,0 +1,72 @@
+"""benchmarks/routing.py: its workloads and report without a server, and one CPU smoke run of
+the whole script (e2e: three policies, two replicas each, a few requests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import routing
+from rayllm_app.bench.report import RequestRecord, summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_workloads_have_the_shapes_they_claim():
+    args = routing.parse_args(["--smoke", "--groups", "3", "--prompts", "4", "--users", "2", "--turns", "3"])
+    shared = routing.shared_prefix(random.Random(0), args)
+    assert len(shared) == 12 and len({m[0]["content"] for m in shared}) == 3  # 3 system prompts, 4 questions each
+    users = routing.multi_turn(random.Random(0), args)
+    assert [len(turns) for turns in users] == [3, 3]
+    first, second, third = users[0]
+    assert second[:2] == first[:2] and third[:4] == second[:4]  # each turn extends the one before
+    assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert users[0][0][0] == users[1][0][0]  # one system prompt for every user
+    hot = routing.adversarial(random.Random(0), args)
+    assert len({m[0]["content"] for m in hot}) == 1 and len({m[1]["content"] for m in hot}) == len(hot)
+    # Same seed, same prompts: the three policies of a round get the same work.
+    assert routing.shared_prefix(random.Random("0-shared_prefix"), args) == \
+        routing.shared_prefix(random.Random("0-shared_prefix"), args)
+
+
+def _run(workload: str, policy: str, ttft_ms: float, tok: int, hit: float, round_no: int = 1) -> dict:
+    records = [RequestRecord(index=i, ok=True, start=0.0, e2e=1.0, ttft=ttft_ms / 1000, output_tokens=tok)
+               for i in range(4)]
+    result = summarize(records, label="x", config={}, started_at="", duration_s=1.0, num_requests=4)
+    return {"workload": workload, "policy": policy, "round": round_no, "hit_rate": hit, "result": result.to_dict()}
+
+
+def test_summary_compares_each_policy_with_power_of_two_and_judges_the_targets():
+    runs = [_run("shared_prefix", "power_of_two", 100, 10, 0.1), _run("shared_prefix", "prefix_aware", 50, 12, 0.8),
+            _run("adversarial", "power_of_two", 100, 10, 0.3), _run("adversarial", "prefix_aware", 90, 9, 0.5)]
+    rows = {(r["workload"], r["policy"]): r for r in routing.summary_rows(runs)}
+    assert rows[("shared_prefix", "prefix_aware")]["ttft_p50_vs_p2c"] == pytest.approx(0.5)
+    assert rows[("shared_prefix", "prefix_aware")]["tok_s_vs_p2c"] == pytest.approx(1.2)
+    lines = routing.verdicts(routing.summary_rows(runs))
+    assert "shared_prefix" in lines[0] and lines[0].endswith("met.")
+    assert "adversarial" in lines[1] and "missed" in lines[1]  # 0.90x throughput: outside 5%
+
+
+@pytest.mark.e2e
+def test_smoke_run_measures_every_policy_and_workload(tmp_path: Path):
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != "RAYLLM_API_KEYS"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--smoke", "--results-dir",
+                           str(out), "--assets", str(tmp_path / "assets")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(next(out.glob("*-routing.json")).read_text())
+    assert {(r["workload"], r["policy"]) for r in report["summary"]} == \
+        {(w, p) for w in routing.WORKLOADS for p in routing.POLICIES}
+    for row in report["summary"]:
+        assert row["errors"] == 0 and row["completed"] > 0 and row["ttft_p50_ms"] > 0
+    shared = {r["policy"]: r for r in report["summary"] if r["workload"] == "shared_prefix"}
+    assert shared["prefix_aware"]["hit_rate"] > 0  # the engines' counters were read
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "assets")], capture_output=True, text=True).stdout
+    assert left.strip() == "", "rayllm run left processes behind"
