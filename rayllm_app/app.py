@@ -111,5 +111,5 @@ def build_app(args: dict[str, Any]) -> Application:
     try:
         settings = RouterSettings.model_validate(args.get("router") or {})
     except ValidationError as error:
-        raise ConfigError(format_validation_error("args.router", error)) from None
+        raise ConfigError(format_validation_error("args.router", error, "router settings")) from None
     return build_app_from_configs(load_model_configs(list(models)), settings=settings)

@@ -227,3 +227,20 @@ def test_run_router_flags_are_checked_before_anything_starts(capsys: pytest.Capt
             run_args(*flags)
         assert exited.value.code == 2
     assert "mysql://db" in capsys.readouterr().err
+
+
+def test_run_responses_store_flags_reach_the_router_and_the_replicas():
+    settings = cli._router_settings(run_args("--responses-store", "redis://cache:6379/1",
+                                             "--responses-file", "/data/responses.sqlite3"))
+    assert settings.responses_store_args() == {"url": "redis://cache:6379/1", "path": "/data/responses.sqlite3",
+                                               "ttl_s": 30 * 24 * 3600.0}
+    assert cli._router_settings(run_args()).responses_store_args()["url"] is None  # the embedded store
+    with pytest.raises(SystemExit):
+        run_args("--responses-store", "postgres://db")
+
+
+def test_a_bad_responses_store_in_args_router_names_the_field():
+    from rayllm_app.app import build_app
+
+    with pytest.raises(ConfigError, match=r"(?s)args\.router: invalid router settings.*responses_store"):
+        build_app({"models": ["models/smollm2-135m-instruct.yaml"], "router": {"responses_store": "s3://bucket"}})

@@ -1,11 +1,9 @@
 """The embedded responses store: one Ray actor with an SQLite file, so stored responses
 outlive any model replica, and a Ray restart, with no extra service.
 
-Every router and model replica finds the same actor by name (``get_if_exists``: the first
-caller creates it, the others attach); the name includes the file's path, so two apps with
-two files never share one. It is detached (it outlives whoever created it), takes no CPU (it
-never blocks a model's placement) and lives on the head node, beside its file: if it dies it
-comes back there with everything written so far. Its methods are synchronous and run one at a
+Every router and model replica finds the same actor by name (rayllm_app.named_actor); the
+name includes the file's path, so two apps with two files never share one. It lives on the
+head node, beside its file: if it dies it comes back there with everything written so far. Its methods are synchronous and run one at a
 time, the way SQLite likes to be used.
 """
 
@@ -19,6 +17,7 @@ import time
 import ray
 
 from rayllm_app.conversations.store import StoredResponse
+from rayllm_app.named_actor import NamedActor
 
 ACTOR_NAMESPACE = "rayllm"
 DEFAULT_PATH = os.path.join("~", ".cache", "rayllm", "responses.sqlite3")
@@ -60,38 +59,22 @@ ResponseFileActor = ray.remote(ResponseFile)
 
 
 class EmbeddedResponseStore:
-    """``ResponseStore`` on the shared actor, found (or created) on first use, so a store can
-    be built before ``ray.init``."""
+    """``ResponseStore`` on the shared actor of one file."""
 
     def __init__(self, path: str | None, ttl_s: float) -> None:
         self.path = os.path.expanduser(path or DEFAULT_PATH)
-        self.ttl_s = ttl_s
         self.name = "rayllm-responses-" + hashlib.sha256(self.path.encode()).hexdigest()[:12]
-        self._handle = None
-
-    def _actor(self):
-        if self._handle is None:
-            self._handle = ResponseFileActor.options(
-                name=self.name, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True,
-                num_cpus=0, max_restarts=-1, resources={"node:__internal_head__": 0.001},
-            ).remote(self.path, self.ttl_s)
-        return self._handle
-
-    async def _call(self, method: str, *args):
-        try:
-            return await getattr(self._actor(), method).remote(*args)
-        except ray.exceptions.RayActorError:
-            self._handle = None  # gone for good (not restarted): look it up or create it anew
-            raise
+        self._actor = NamedActor(ResponseFileActor, self.name, ACTOR_NAMESPACE, self.path, ttl_s,
+                                 resources={"node:__internal_head__": 0.001})
 
     async def put(self, item: StoredResponse) -> None:
-        await self._call("put", item)
+        await self._actor.call("put", item)
 
     async def get(self, response_id: str) -> StoredResponse | None:
-        return await self._call("get", response_id)
+        return await self._actor.call("get", response_id)
 
     async def delete(self, response_id: str) -> bool:
-        return await self._call("delete", response_id)
+        return await self._actor.call("delete", response_id)
 
     async def close(self) -> None:
-        self._handle = None  # the actor and its file stay: other routers and replicas share them
+        self._actor.forget()  # the actor and its file stay: other routers and replicas share them

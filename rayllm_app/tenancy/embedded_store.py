@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ray
 
+from rayllm_app.named_actor import NamedActor
 from rayllm_app.tenancy.state import Decision, MemoryStore, Scope, Settlement, UsageRecord, UsageRow
 
 ACTOR_NAME = "rayllm-limits"
@@ -33,23 +34,12 @@ class EmbeddedStore:
     def __init__(self, name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE) -> None:
         self.name = name
         self.namespace = namespace
-        self._handle = None
-
-    def _actor(self):
-        """The handle; creating or finding the actor is one short blocking call to the GCS."""
-        if self._handle is None:
-            self._handle = LimitsActor.options(
-                name=self.name, namespace=self.namespace, lifetime="detached", get_if_exists=True,
-                num_cpus=0, max_concurrency=1000, max_restarts=-1,
-            ).remote()
-        return self._handle
+        # Async methods that never await, on one event loop: many routers' calls queue
+        # without a thread each.
+        self._actor = NamedActor(LimitsActor, name, namespace, max_concurrency=1000)
 
     async def _call(self, method: str, *args):
-        try:
-            return await getattr(self._actor(), method).remote(*args)
-        except ray.exceptions.RayActorError:
-            self._handle = None   # killed for good (not restarted): look it up or create it anew
-            raise
+        return await self._actor.call(method, *args)
 
     async def admit(self, scopes: list[Scope], lease_id: str, tokens: int) -> Decision:
         return await self._call("admit", scopes, lease_id, tokens)
@@ -75,4 +65,4 @@ class EmbeddedStore:
 
     async def close(self) -> None:
         """Forget the handle only: the actor is shared with the other routers and stays."""
-        self._handle = None
+        self._actor.forget()

@@ -336,7 +336,9 @@ def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_until_the_load_guard
     whose prefix cache then serves the shared blocks (its hit counter grows; the other replica
     sees none of them). Then concurrent requests with that prefix: past the load guard the
     other replica takes some (its lookups grow too)."""
-    system = "You are a meticulous travel assistant. Answer with dates, places and prices. " * 20
+    # Words of the tiny tokenizer's corpus: ~25 tokens per sentence, ~280 in all (context 512).
+    system = "paris is the capital of france and tokyo is the capital of japan while the quick brown " \
+             "fox jumps over a lazy dog. " * 11
     client = httpx.Client(base_url=migrate_root, headers=HEADERS, timeout=300)
 
     def ask(question: str, tokens: int = 4) -> None:
@@ -347,21 +349,21 @@ def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_until_the_load_guard
 
     before = prefix_cache_by_replica()
     for n in range(6):
-        ask(f"Plan day {n} in Lisbon.")
+        ask(f"one two three {n}")
     after = prefix_cache_by_replica()
     lookups = {pid: after[pid]["queries"] - before[pid]["queries"] for pid in after}
     hits = {pid: after[pid]["hits"] - before[pid]["hits"] for pid in after}
     target = max(lookups, key=lookups.get)
     other = next(pid for pid in after if pid != target)
     assert lookups[other] == 0, (lookups, hits)
-    assert hits[target] >= 5 * 128, (lookups, hits)  # five requests reused the ~350-token system prompt (whole cache blocks of it)
+    assert hits[target] >= 5 * 128, (lookups, hits)  # five requests reused the ~280-token system prompt (whole cache blocks of it)
 
     async def burst() -> None:
         async with httpx.AsyncClient(base_url=migrate_root, headers=HEADERS, timeout=300) as burst_client:
             async def one(n: int) -> None:
                 body = {"model": MODEL, "max_tokens": 64, "temperature": 0, "ignore_eos": True,
                         "messages": [{"role": "system", "content": system},
-                                     {"role": "user", "content": f"Plan week {n} in Porto."}]}
+                                     {"role": "user", "content": f"red green blue {n}"}]}
                 response = await burst_client.post("/v1/chat/completions", json=body)
                 assert response.status_code == 200, response.text
             await asyncio.gather(*(one(n) for n in range(4 * (PREFIX_LOAD_GUARD + 1))))
