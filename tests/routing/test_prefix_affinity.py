@@ -110,10 +110,24 @@ def test_the_index_forgets_the_least_recently_used():
     index.record((1, 2, 3), "r1")
     index.record((4,), "r2")
     assert len(index) == 3
-    assert index.deepest((1,), {"r1": "R1"}) is None and index.deepest((3,), {"r1": "R1"}) == "R1"
+    assert index.deepest((1,), {"r1": "R1"}) == (None, 0) and index.deepest((3,), {"r1": "R1"}) == ("R1", 1)
 
 
 def test_round_robin_and_power_of_two_send_no_keys():
     for policy in ("round_robin", "power_of_two"):
         assert affinity_keys(RoutingConfig(policy=policy), "/v1/chat/completions", chat(SYSTEM, "q"),
                              {"x-session-id": "s"}) == ()
+
+
+def test_the_guard_shrinks_with_the_share_of_the_prompt_a_replica_holds():
+    """A short hot prefix before a long unique suffix saves little: the request waits behind
+    fewer requests for it than a prompt that is cached whole."""
+    pool = replicas("r1", "r2")
+    index = PrefixIndex(100)
+    hot = ids(rank_by_affinity((1, 2), pool, index, {}, 4))[0][0]
+    cold = "r2" if hot == "r1" else "r1"
+    queue = {hot: 3, cold: 0}
+    # The whole prompt known there (2 of 2 keys): the full guard of 4, it stays.
+    assert ids(rank_by_affinity((1, 2), pool, index, queue, 4))[0] == [hot]
+    # 2 of 8 keys known there: a guard of 1, so 3 requests more is too many.
+    assert ids(rank_by_affinity((1, 2, 30, 31, 32, 33, 34, 35), pool, index, queue, 4))[0] == [cold]
