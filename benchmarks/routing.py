@@ -71,7 +71,6 @@ from rayllm_app.ports import free_port  # noqa: E402
 ASSETS = Path("/tmp/rayllm-bench/routing")
 POLICIES = ("power_of_two", "round_robin", "prefix_aware")
 WORKLOADS = ("shared_prefix", "multi_turn", "adversarial")
-ANSWER_WORDS = 40  # the fixed answer each multi-turn turn adds to the history
 
 
 def log(msg: str) -> None:
@@ -112,7 +111,7 @@ def multi_turn(rng: random.Random, args) -> list[list[list[dict]]]:
         for _ in range(args.turns):
             question = make_prompt(rng, args.question_words)
             turns.append(chat(system, history, question))
-            history = history + [(question, make_prompt(rng, ANSWER_WORDS))]
+            history = history + [(question, make_prompt(rng, args.answer_words))]
         users.append(turns)
     return users
 
@@ -326,6 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {value} "
                        f"(--smoke: {SMOKE[name]})")
     p.add_argument("--question-words", type=int, default=40)
+    p.add_argument("--answer-words", type=int, default=40, help="the fixed answer each multi-turn turn adds")
+    p.add_argument("--tag", default="", help="appended to the results' file names")
     p.add_argument("--load-guard", type=int, default=4)
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
                  "load": (f"shared_prefix {args.groups} groups x {args.prompts} prompts, {args.prefix_words}-word system "
                           f"prompts, c={args.concurrency}; multi_turn {args.users} users x {args.turns} turns over a "
                           f"{args.prefix_words}-word system prompt, {args.question_words}-word questions and "
-                          f"{ANSWER_WORDS}-word answers; adversarial {args.adversarial_requests} requests, a "
+                          f"{args.answer_words}-word answers; adversarial {args.adversarial_requests} requests, a "
                           f"{args.hot_words}-word hot prefix and {args.suffix_words}-word unique suffixes, "
                           f"c={args.concurrency}; {args.output_len} output tokens each, streamed chat"),
                  "smoke": args.smoke},
@@ -422,7 +423,7 @@ def main(argv=None) -> int:
         log("stopping rayllm run")
         stop(server)
     report["summary"] = summary_rows(report["runs"])
-    stem = f"{date}-routing"
+    stem = f"{date}-routing" + (f"-{args.tag}" if args.tag else "")
     json_path, md_path, png_path = (args.results_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     png_name = None
