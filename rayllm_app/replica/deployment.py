@@ -41,6 +41,8 @@ class ModelServer:
     """A replica: fetch the weights, start the engine, answer forwarded HTTP requests with
     vLLM's own OpenAI application."""
 
+    responses: ResponsesState | None = None  # the shared responses store, when the app has one
+
     idle_sleep: IdleSleep | None = None  # deployment_config.idle_sleep
     adapters: AdapterManager | None = None  # lora_config
     _unhealthy = False  # the last health check failed: new requests are refused
@@ -191,8 +193,8 @@ class ModelServer:
             sink(chunk, tokens)
 
         wrap = tracker.app if tracker is not None else None
-        if self.responses is not None and request.path == "/v1/responses" and request.method == "POST":
-            wrap = self.responses.wrap
+        if self.responses is not None and request.path.startswith("/v1/responses"):
+            wrap = self.responses.wrap if request.path == "/v1/responses" else self.responses.wrap_stored
         items = self.engine.handle(request, metered if sink is not None else None, wrap)
         try:
             async for item in items:

@@ -86,6 +86,27 @@ class ResponsesState:
 
         return responses_app
 
+    def wrap_stored(self, app: Any) -> Any:
+        """vLLM's application for a request about one stored response (``GET`` or ``cancel``
+        of ``/v1/responses/{id}``): the response is loaded for it, so vLLM answers as it would
+        where the response was made (e.g. its 400 for cancelling one that is not running)."""
+
+        async def stored_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            parts = scope["path"].split("/")  # "", "v1", "responses", id[, "cancel"]
+            response_id = parts[3] if len(parts) > 3 else ""
+            try:
+                held = await self._acquire(response_id, _header(scope, OWNER_HEADER)) if response_id else None
+            except ResponseNotFoundError as error:
+                await _send_error(send, error)
+                return
+            try:
+                await app(scope, receive, send)
+            finally:
+                if held is not None:
+                    self._release(held)
+
+        return stored_app
+
     async def _acquire(self, response_id: str, owner: str | None) -> str | None:
         """Make vLLM hold ``response_id`` for this request; the id to release after it, or None
         when there is nothing to release (vLLM holds it on its own, or nobody does: vLLM's 404)."""

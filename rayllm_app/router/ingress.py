@@ -422,7 +422,8 @@ class Router:
         candidates = [known] if known else [
             m for m, caps in self.capabilities.items() if "responses" in caps
             and (caller is None or caller.allows(m)) and self.status.state(m).state == READY]
-        forwarded = ForwardedRequest(request.method, path, b"", request.url.query, _forwarded_headers(request))
+        forwarded = ForwardedRequest(request.method, path, b"", request.url.query, _forwarded_headers(request)
+                                     + owner_header(caller.name if caller is not None else None))
         response: Response | None = None
         for model in candidates:
             response = await self._dispatch(forwarded, model, False, self._handle(model, caller), timeout)

@@ -236,7 +236,7 @@ def test_kill_one_of_two_replicas_mid_load(migrate_root, reference):
     replica_pids(2, exclude={victim})  # Serve replaced it: the next test has two replicas again
 
 
-def test_a_redeploy_shorter_than_the_streams_loses_none(migrate_root, tiny_model_path, reference):
+def test_a_redeploy_shorter_than_the_streams_loses_none(migrate_root, tiny_model_path, reference, responses_store):
     """The model is redeployed (a new runtime env) while streams run, with a 2 s drain: the
     old replicas are killed mid-stream, and their streams finish on the new ones, exact."""
     from ray.serve.api import _run
@@ -249,8 +249,8 @@ def test_a_redeploy_shorter_than_the_streams_loses_none(migrate_root, tiny_model
 
     async def redeploy(progress: dict[int, int]) -> None:
         await mid_stream(progress)
-        await asyncio.to_thread(_run, build_app({"models": [config]}), name=APP, route_prefix=PREFIX,
-                                _blocking=False)
+        app = build_app({"models": [config], "router": {"responses_store": responses_store}})  # the same store
+        await asyncio.to_thread(_run, app, name=APP, route_prefix=PREFIX, _blocking=False)
 
     results = asyncio.run(load(migrate_root, redeploy, streams=8))
     assert_exact(results, reference[:8])

@@ -185,3 +185,31 @@ def test_store_false_and_background_responses_are_not_exported():
     asyncio.run(answer(state, vllm_app(dicts, []), request("resp_nostore", store=False)))
     asyncio.run(answer(state, vllm_app(dicts, []), request("resp_bg", background=True)))
     assert store.items == {} and dicts.holds_response("resp_bg")
+
+
+def test_a_stored_response_is_loaded_for_its_cancel_and_released_after():
+    """vLLM answers a cancel (or GET) of a response it does not hold with 404; loaded from the
+    store it gives its own answer, e.g. 400 for one that is not running."""
+    dicts, store = Dicts(), Store()
+    store.items["resp_done"] = StoredResponse("resp_done", "tiny", "alice", b"{}", b"[]")
+    state = ResponsesState(store, dicts, "tiny")
+    seen = []
+
+    async def vllm_cancel(scope, receive, send):
+        response_id = scope["path"].split("/")[3]
+        seen.append(dicts.holds_response(response_id))
+        status = 400 if dicts.holds_response(response_id) else 404
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    def cancel(owner: str) -> int:
+        forwarded = ForwardedRequest("POST", "/v1/responses/resp_done/cancel", b"", "", ((OWNER_HEADER, owner),))
+
+        async def run():
+            async for item in call_asgi(state.wrap_stored(vllm_cancel), forwarded):
+                return item.status_code
+        return asyncio.run(run())
+
+    assert cancel("alice") == 400 and seen == [True]
+    assert not dicts.holds_response("resp_done")  # released after
+    assert cancel("bob") == 404 and seen == [True]  # another key's: never loaded
