@@ -155,33 +155,48 @@ async def drive(base_url: str, model: str, workload: str, rng: random.Random, ar
 # --------------------------------------------------------------------------- server
 
 
-def prefix_counters(root_url: str, model: str) -> tuple[float, float]:
-    """The model's prefix-cache (queries, hits) summed over its replicas, from /metrics."""
-    text = urllib.request.urlopen(f"{root_url}/metrics", timeout=30).read().decode()
-    totals = {"queries": 0.0, "hits": 0.0}
+def prefix_counters(root_url: str, model: str) -> tuple[float, float] | None:
+    """The model's prefix-cache (queries, hits) summed over its replicas, from /metrics; None
+    while the model has no samples there (a node's metrics export did not answer the router in
+    time, or has not exported yet): not the same as zero."""
+    try:
+        text = urllib.request.urlopen(f"{root_url}/metrics", timeout=30).read().decode()
+    except OSError as error:
+        log(f"GET /metrics failed: {error}")
+        return None
+    totals, seen = {"queries": 0.0, "hits": 0.0}, False
     for line in text.splitlines():
         for name in totals:
             if line.startswith(f"rayllm_prefix_cache_{name}_total{{") and f'model="{model}"' in line:
                 totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["queries"], totals["hits"]
+                seen = True
+    return (totals["queries"], totals["hits"]) if seen else None
 
 
 def settled_counters(root_url: str, model: str, moved_from: tuple[float, float] | None = None,
-                     stable_s: float = 12.0, timeout_s: float = 90.0) -> tuple[float, float]:
+                     stable_s: float = 12.0, timeout_s: float = 180.0) -> tuple[float, float]:
     """The counters once they have stayed the same for ``stable_s`` and (after a run) moved
     past ``moved_from``: each replica's metrics agent exports every 10 s on its own schedule,
-    so a read right after a run may hold one replica's share and not the other's."""
-    last, since = prefix_counters(root_url, model), time.monotonic()
-    deadline = since + timeout_s
-    while time.monotonic() < deadline:
-        time.sleep(3)
+    so a read right after a run may hold one replica's share and not the other's. Reads
+    without the model's samples are skipped (a loaded host's metrics agent can miss the
+    router's deadline), except before the first run: a model's counters appear only with its
+    first prefix-cache query."""
+    deadline = time.monotonic() + timeout_s
+    last, since = None, time.monotonic()
+    while True:
         now = prefix_counters(root_url, model)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= stable_s and (moved_from is None or now[0] > moved_from[0]):
-            return now
-    log(f"prefix-cache counters of {model} did not settle within {timeout_s:.0f} s")
-    return last
+        if now is None and moved_from is None:
+            now = (0.0, 0.0)
+        if now is not None:
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= stable_s and (moved_from is None or now[0] > moved_from[0]):
+                return now
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(3)
+    log(f"prefix-cache counters of {model} did not settle within {timeout_s:.0f} s (last read {last})")
+    return last or (0.0, 0.0)
 
 
 def model_yamls(folder: Path, args, workdir: Path) -> list[Path]:

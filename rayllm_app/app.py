@@ -83,7 +83,26 @@ def router_deployment(settings: RouterSettings):
         options["runtime_env"] = {"env_vars": env_vars}
     # Our JSON access log (middleware) replaces Serve's per-request line.
     return Router.options(ray_actor_options=options, logging_config={"enable_access_log": False},
-                          autoscaling_config={"min_replicas": settings.replicas, "max_replicas": settings.replicas})
+                          **router_scaling(settings))
+
+
+def router_scaling(settings: RouterSettings) -> dict[str, Any]:
+    """The router's replica options: a fixed count, one per node, or Serve autoscaling.
+
+    ``per_node`` counts the cluster's alive nodes when the application is built (deployed), and
+    allows one router per node: Serve has no per-node deployments, so a cluster that grows
+    later gets its extra routers at the next deploy (or use ``autoscaling``)."""
+    spread = {"max_replicas_per_node": settings.max_per_node} if settings.max_per_node else {}
+    if settings.autoscaling is not None:
+        scaling = settings.autoscaling
+        return {"autoscaling_config": {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+                                       "target_ongoing_requests": scaling.target_ongoing_requests}, **spread}
+    if settings.replicas == "per_node":
+        import ray
+
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive")) if ray.is_initialized() else 1
+        return {"num_replicas": max(1, nodes), "max_replicas_per_node": 1}
+    return {"num_replicas": settings.replicas, **spread}
 
 
 def build_app_from_configs(configs: list[ModelConfig], server_cls: type | None = None,

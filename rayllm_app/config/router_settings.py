@@ -8,7 +8,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class RouterAutoscaling(BaseModel):
+    """Ray Serve autoscaling for the router: replicas follow the requests each one holds open."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, le=64)
+    max_replicas: int = Field(4, ge=1, le=64)
+    target_ongoing_requests: float = Field(
+        64, gt=0, description="Requests in flight per router replica (streams included) that Serve scales "
+        "towards; a router replica streams a few hundred at most on one core.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RouterAutoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
 
 
 class RouterSettings(BaseModel):
@@ -28,8 +46,16 @@ class RouterSettings(BaseModel):
         True, description="Model replicas send streamed responses to the router over a direct TCP "
         "connection (one per replica and router) instead of one Ray message per chunk; falls back "
         "to Ray when the replica's node cannot be reached.")
-    replicas: int = Field(
-        1, ge=1, le=64, description="Router replicas. Key budgets hold across all of them (limits_store).")
+    replicas: int | Literal["per_node"] = Field(
+        1, description="Router replicas: a fixed count (1-64), or 'per_node' for one on every node of the "
+        "cluster when the application is deployed. Key budgets, stored responses and routing hold across "
+        "all of them (limits_store, responses_store). Ignored when autoscaling is set.")
+    max_per_node: int | None = Field(
+        None, ge=1, description="At most this many router replicas on one node (Serve's max_replicas_per_node), "
+        "to spread them over the cluster; 'per_node' implies 1.")
+    autoscaling: RouterAutoscaling | None = Field(
+        None, description="Scale the routers with their load instead of a fixed count: "
+        "{min_replicas, max_replicas, target_ongoing_requests}.")
     limits_store: str | None = Field(
         None, description="Where key budgets and usage history live, shared by every router replica: "
         "unset or 'embedded' for a Ray actor in this cluster (no extra service), or a Redis URL "
@@ -56,6 +82,13 @@ class RouterSettings(BaseModel):
         default_factory=lambda: ["RAYLLM_API_KEYS"],
         description="Variables copied from the building environment into the router's replicas.")
 
+    @field_validator("replicas")
+    @classmethod
+    def _replica_count(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("use a count from 1 to 64, or 'per_node'")
+        return value
+
     @field_validator("responses_store")
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
@@ -67,3 +100,17 @@ class RouterSettings(BaseModel):
     def responses_store_args(self) -> dict[str, object]:
         """``open_response_store``'s arguments, for the router and every model replica."""
         return {"url": self.responses_store, "path": self.responses_file, "ttl_s": self.responses_ttl_s}
+
+
+def parse_router_replicas(text: str) -> dict[str, object]:
+    """A ``--router-replicas`` value as RouterSettings fields: ``N``, ``per-node``, or ``MIN-MAX``
+    (autoscaled between them). ValueError says what is accepted."""
+    value = text.strip().lower()
+    if value in ("per-node", "per_node"):
+        return {"replicas": "per_node"}
+    low, dash, high = value.partition("-")
+    if low.isdigit() and (not dash or high.isdigit()):
+        if dash:
+            return {"autoscaling": {"min_replicas": int(low), "max_replicas": int(high)}}
+        return {"replicas": int(low)}
+    raise ValueError(f"{text!r}: use a count (2), 'per-node', or a range to autoscale in (1-4)")

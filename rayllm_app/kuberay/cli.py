@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from rayllm_app.config import ConfigError
+from rayllm_app.config.router_settings import parse_router_replicas
 from rayllm_app.kuberay.groups import manifest_models
 from rayllm_app.kuberay.manifest import (
     ACCELERATOR_LABELS,
@@ -19,6 +20,7 @@ from rayllm_app.kuberay.manifest import (
     DEFAULT_HTTP_PORT,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_NAME,
+    DEFAULT_ROUTER_REPLICAS,
     RenderError,
     RenderOptions,
     render_rayservice,
@@ -85,6 +87,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-memory", default=None, help="head pod memory (default: 8Gi with GPUs, else 3Gi)")
     parser.add_argument("--revision", default=None,
                         help="annotation on the head pod; a new value makes KubeRay upgrade on a new cluster")
+    parser.add_argument("--router-replicas", type=_router_replicas, default=None, metavar="N|per-node|MIN-MAX",
+                        help=f"router replicas: a count, one per node when deployed, or a range to autoscale in "
+                             f"(default: {DEFAULT_ROUTER_REPLICAS})")
+    parser.add_argument("--responses-store", default=None, metavar="URL",
+                        help="stored Responses shared by every router and replica: a Redis URL for production "
+                             "(default: embedded, an SQLite file in the head pod, lost with it)")
+    parser.add_argument("--limits-store", default=None, metavar="URL",
+                        help="key budgets and usage history: a Redis URL (default: embedded, on the head pod)")
+    parser.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="throughput-optimized Serve behind Ray's HAProxy ingress on every pod (default: on)")
+
+
+def _router_replicas(value: str) -> dict[str, object]:
+    try:
+        return parse_router_replicas(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def router_args(args: argparse.Namespace) -> dict[str, object]:
+    """The serve config's ``args.router`` from the flags."""
+    router: dict[str, object] = dict(args.router_replicas or {"replicas": DEFAULT_ROUTER_REPLICAS})
+    if args.responses_store:
+        router["responses_store"] = args.responses_store
+    if args.limits_store:
+        router["limits_store"] = args.limits_store
+    return router
 
 
 def options_from_args(args: argparse.Namespace) -> RenderOptions:
@@ -94,7 +123,7 @@ def options_from_args(args: argparse.Namespace) -> RenderOptions:
         hf_token_secret=args.hf_token_secret, service_account=args.service_account,
         accelerator_label=args.accelerator_label, node_selector=dict(args.node_selector),
         worker_memory=args.worker_memory, head_cpu=args.head_cpu, head_memory=args.head_memory,
-        revision=args.revision,
+        revision=args.revision, fast_path=args.fast_path, router=router_args(args),
     )
 
 
@@ -110,17 +139,29 @@ def command_line(args: argparse.Namespace) -> str:
               ("--service-account", args.service_account, None),
               ("--accelerator-label", args.accelerator_label, "nvidia"),
               ("--worker-memory", args.worker_memory, None), ("--head-cpu", args.head_cpu, None),
-              ("--head-memory", args.head_memory, None), ("--revision", args.revision, None)]
+              ("--head-memory", args.head_memory, None), ("--revision", args.revision, None),
+              ("--responses-store", args.responses_store, None), ("--limits-store", args.limits_store, None)]
     for flag, value, default in simple:
         if value != default:
             words += [flag, str(value)]
     if args.autoscaling is not None:
         words.append("--autoscaling" if args.autoscaling else "--no-autoscaling")
+    if args.router_replicas is not None:
+        words += ["--router-replicas", _replicas_text(args.router_replicas)]
+    if not args.fast_path:
+        words.append("--no-fast-path")
     for key, value in args.node_selector:
         words += ["--node-selector", f"{key}={value}"]
     if args.output:
         words += ["--output", str(args.output)]
     return shlex.join(words)
+
+
+def _replicas_text(fields: dict) -> str:
+    scaling = fields.get("autoscaling")
+    if scaling:
+        return f"{scaling['min_replicas']}-{scaling['max_replicas']}"
+    return "per-node" if fields["replicas"] == "per_node" else str(fields["replicas"])
 
 
 def render_from_args(args: argparse.Namespace) -> str:

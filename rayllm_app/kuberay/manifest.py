@@ -10,7 +10,10 @@ from typing import Any
 
 import yaml
 
-from rayllm_app.config import ConfigError, ModelConfig, load_model_entries
+from pydantic import ValidationError
+
+from rayllm_app.config import ConfigError, ModelConfig, format_validation_error, load_model_entries
+from rayllm_app.config.router_settings import RouterSettings
 from rayllm_app.kuberay.groups import (
     GPU_RESOURCE,
     IMPORT_PATH,
@@ -35,6 +38,13 @@ DEFAULT_GPU_IMAGE = "rayllm-app:gpu"
 DEFAULT_IDLE_TIMEOUT_S = 60
 CACHE_DIR = "/data/cache"  # an emptyDir on every worker: converted/mirrored weights, HF cache
 REVISION_ANNOTATION = "rayllm.io/revision"
+# Two routers: losing one (its pod, or a crash) loses only the requests it held.
+DEFAULT_ROUTER_REPLICAS = 2
+# Throughput-optimized Serve behind Ray's HAProxy ingress on every pod (see rayllm_app.cli's
+# _fast_path_environment): HAProxy listens on the serve port and spreads connections over the
+# router replicas of the whole cluster. Ray reads these when each node starts, so they are the
+# pods' environment rather than serveConfigV2's.
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 # Ray accelerator_type (ray.util.accelerators) -> node label value, per labelling scheme.
 ACCELERATOR_LABELS: dict[str, tuple[str, dict[str, str]] | None] = {
@@ -84,6 +94,9 @@ class RenderOptions:
     head_memory: str | None = None
     revision: str | None = None
     proxy_location: str = "EveryNode"
+    fast_path: bool = True
+    # args.router of the serve config (RouterSettings fields), e.g. replicas, responses_store.
+    router: dict[str, Any] = field(default_factory=lambda: {"replicas": DEFAULT_ROUTER_REPLICAS})
 
 
 # ---------------------------------------------------------------- loading
@@ -99,6 +112,10 @@ def load_model_sources(sources: list[str | Path | dict[str, Any]]) -> list[tuple
 
 # ---------------------------------------------------------------- manifest
 
+
+
+def _fast_path_env(options: RenderOptions) -> list[dict[str, Any]]:
+    return [{"name": key, "value": value} for key, value in FAST_PATH_ENV.items()] if options.fast_path else []
 
 
 def _secret_env(options: RenderOptions) -> list[dict[str, Any]]:
@@ -165,6 +182,7 @@ def worker_group_spec(group: WorkerGroupPlan, options: RenderOptions, image: str
             {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
             # Engines at normal priority: Ray would start workers (and so vLLM) at nice 15.
             {"name": "RAY_worker_niceness", "value": "0"},
+            *_fast_path_env(options),
             *_secret_env(options),
         ],
         "volumeMounts": [
@@ -216,7 +234,8 @@ def head_group_spec(options: RenderOptions, image: str, any_gpu: bool) -> dict[s
         ],
     }
     # The router's replicas run here: normal priority, as on the workers.
-    container["env"] = [{"name": "RAY_worker_niceness", "value": "0"}, *_secret_env(options)]
+    container["env"] = [{"name": "RAY_worker_niceness", "value": "0"}, *_fast_path_env(options),
+                        *_secret_env(options)]
     pod_spec: dict[str, Any] = {"containers": [container]}
     if options.service_account:
         pod_spec["serviceAccountName"] = options.service_account
@@ -240,7 +259,8 @@ def serve_config(models: list[ModelPlan], options: RenderOptions) -> dict[str, A
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
-            "args": {"models": [m.raw for m in models]},
+            "args": {**({"router": dict(options.router)} if options.router else {}),
+                     "models": [m.raw for m in models]},
         }],
     }
 
@@ -273,6 +293,10 @@ def render_rayservice(sources: list[str | Path | dict[str, Any]],
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", options.name) or len(options.name) > 40:
         raise RenderError(f"--name {options.name!r} must be a DNS label of at most 40 characters "
                           "(KubeRay derives cluster, pod and service names from it)")
+    try:
+        RouterSettings.model_validate(options.router)
+    except ValidationError as error:
+        raise RenderError(format_validation_error("args.router", error, "router settings")) from None
     models = [plan_model(name, raw, config) for name, raw, config in load_model_sources(sources)]
     groups = plan_worker_groups(models)
     any_gpu = any(g.shape.gpus for g in groups)

@@ -398,7 +398,7 @@ def metrics_endpoints() -> list[tuple[str, str]]:
     return endpoints
 
 
-async def collect_prometheus_text(prefix: str = PREFIX, *, timeout_s: float = 2.0,
+async def collect_prometheus_text(prefix: str = PREFIX, *, timeout_s: float = 5.0,
                                   endpoints: Iterable[tuple[str, str]] | None = None) -> str:
     """The ``prefix`` families of every node's Ray metrics export, as Prometheus text.
 

@@ -138,7 +138,7 @@ class Budgets:
         self._store = store
         self.inflight: Counter[str] = Counter()  # this router's requests per model
         self.gate = PriorityGate()
-        self.headroom = Headroom(settings.replicas)
+        self.headroom = Headroom(settings.replicas if isinstance(settings.replicas, int) else 1)
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._settles: list[Settlement] = []
         self._admits: list[Admission] = []   # admitted ahead of the store, not yet sent

@@ -37,10 +37,14 @@ class _View:
 
 class Headroom:
     def __init__(self, routers: int, clock=time.monotonic) -> None:
-        self.routers = max(routers, 1)
+        self.routers = max(routers, 1)  # kept current by the router's status tracker (set_routers)
         self._views: dict[str, _View] = {}
         self._inflight: dict[str, int] = {}
         self._clock = clock
+
+    def set_routers(self, routers: int) -> None:
+        """The router replicas now running: each admits locally only within its share."""
+        self.routers = max(routers, 1)
 
     def admit_locally(self, scopes: list[Scope], tokens: int) -> dict[str, str] | None:
         """Rate-limit headers if this request may go without waiting for the store, else None."""

@@ -58,5 +58,5 @@ def install_middleware(target: FastAPI, settings: RouterSettings) -> None:
         target.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Api-Key", "Anthropic-Version"],
-            expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
+            expose_headers=["X-Request-Id", "Retry-After", "X-Rayllm-Router"], max_age=600)
     target.add_middleware(RequestIdMiddleware)

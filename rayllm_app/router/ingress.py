@@ -90,7 +90,7 @@ def _forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
     name="router",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=1000,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+    num_replicas=1,  # rayllm_app.app.router_scaling sets the count, or autoscaling, from args.router
 )
 @serve.ingress(app)
 class Router:
@@ -107,14 +107,16 @@ class Router:
         self.adapters = AdapterCatalog([parse_model_config(config, f"model '{config['engine_config']['model_id']}'")
                                         for config in lora_models or ()])
         self.stored = StoredResponses(self.settings)
-        self.status = ModelStatusTracker(serve.get_replica_context().app_name,
-                                         [ModelSpec(**spec) for spec in specs])
+        self.budgets = Budgets(self.settings)
+        context = serve.get_replica_context()
+        self.status = ModelStatusTracker(context.app_name, [ModelSpec(**spec) for spec in specs],
+                                         router_deployment=context.deployment, routers=self.budgets.headroom.routers,
+                                         on_routers=self.budgets.headroom.set_routers)
         self.status.start()
         self.channels = RouterChannels() if self.settings.stream_channel else None
         self.streams = Streams(self.channels, self._through_cold_start)
-        self.budgets = Budgets(self.settings)
         await self.budgets.warm_up()  # budgets and the usage history live there
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = context.replica_id.unique_id
 
     def _caller(self, request: Request) -> ApiKey | None:
         """The caller's key: ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
@@ -387,7 +389,7 @@ class Router:
         running = self.status.state(model).running_replicas
         if not (per_replica and running):
             return None
-        return max(per_replica * running // self.settings.replicas, 1)
+        return max(per_replica * running // self.status.routers, 1)
 
     def _low_slots(self, model: str) -> int | None:
         """This router's share of the engine batch slots low-priority requests may hold."""
@@ -396,7 +398,7 @@ class Router:
         per_replica = min(spec.max_num_seqs or spec.max_ongoing_requests or 0, spec.max_ongoing_requests or 1 << 30)
         if not (per_replica and running):
             return None
-        return max(int(per_replica * running * self.settings.low_priority_share) // self.settings.replicas, 1)
+        return max(int(per_replica * running * self.settings.low_priority_share) // self.status.routers, 1)
 
     def _check_serves(self, model: str, path: str, n: Any) -> None:
         """A clear 400 for an endpoint the model does not serve, or an ``n`` above its limit."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -50,11 +51,25 @@ def current_request_id(scope: dict[str, Any]) -> str:
     return incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
 
 
+def _router_id() -> bytes:
+    """This router replica's id (Serve's replica id), or the process id outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id.encode()
+    except Exception:  # noqa: BLE001 - plain ASGI (unit tests)
+        return str(os.getpid()).encode()
+
+
 class RequestIdMiddleware:
-    """One structured (JSON) access-log line per request, carrying the request id."""
+    """One structured (JSON) access-log line per request, carrying the request id, and an
+    ``X-Rayllm-Router`` response header naming the router replica that answered (there may be
+    many behind one port: which one holds a stream tells where to look, and what a router's
+    restart cut)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._router: tuple[bytes, bytes] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -67,10 +82,15 @@ class RequestIdMiddleware:
         started = time.perf_counter()
         status = 500
 
+        router = self._router
+        if router is None:
+            router = self._router = (b"x-rayllm-router", _router_id())
+
         async def send_with_status(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), router]
             await send(message)
 
         try:

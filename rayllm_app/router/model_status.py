@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,11 +167,18 @@ def _short_error(message: str) -> str:
 
 
 class ModelStatusTracker:
-    def __init__(self, app_name: str, specs: list[ModelSpec], poll_interval_s: float = 1.0) -> None:
+    def __init__(self, app_name: str, specs: list[ModelSpec], poll_interval_s: float = 1.0,
+                 router_deployment: str | None = None, routers: int = 1,
+                 on_routers: Callable[[int], None] | None = None) -> None:
         self.app_name = app_name
         self.specs = {spec.model_id: spec for spec in specs}
         self.states = {spec.model_id: ModelState() for spec in specs}
         self.poll_interval_s = poll_interval_s
+        # The router's running replicas (it may autoscale): each router takes its share of the
+        # models' capacity and of the key budgets' local headroom.
+        self.router_deployment = router_deployment
+        self.routers = max(routers, 1)
+        self.on_routers = on_routers
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -187,6 +195,13 @@ class ModelStatusTracker:
 
     async def refresh(self) -> None:
         deployments, waiting_groups = await asyncio.to_thread(_read_cluster_state, self.app_name)
+        routers = deployments.get(self.router_deployment) if self.router_deployment else None
+        if routers is not None:
+            count = max(routers.replica_states.get("RUNNING", 0), 1)
+            if count != self.routers:
+                self.routers = count
+                if self.on_routers is not None:
+                    self.on_routers(count)
         nodes: list[dict[str, float]] | None = None
         now = time.monotonic()
         for model_id, spec in self.specs.items():

@@ -29,14 +29,15 @@ def rayllm_run(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @contextlib.contextmanager
-def running_rayllm(models: dict[str, dict], folder: Path, extra_args: tuple[str, ...] = ()):
-    """``rayllm run`` of these model configs (the fast path: its own Ray, direct ingress), without
-    API keys, until the block ends; yields (base URL, port, pid) once every model is ready."""
+def running_rayllm(models: dict[str, dict], folder: Path, extra_args: tuple[str, ...] = (), port: int | None = None):
+    """``rayllm run`` of these model configs (the fast path: its own Ray, HAProxy, routers with
+    direct ingress), without API keys, until the block ends (or the caller stops it); yields
+    (base URL, port, pid) once every model is ready."""
     command = [sys.executable, "-m", "rayllm_app.cli", "run", "--host", "127.0.0.1", "--num-cpus", "8", "--offline"]
     for name, config in models.items():
         (folder / f"{name}.yaml").write_text(json.dumps(config))  # JSON is YAML
         command += ["--model", str(folder / f"{name}.yaml")]
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYLLM_STREAM_CHANNEL_HOST": "127.0.0.1",
            "PYTHONPATH": str(ROOT)}
     env.pop("RAYLLM_API_KEYS", None)  # the session app's keys (set by its fixture): no auth here
@@ -62,11 +63,13 @@ def running_rayllm(models: dict[str, dict], folder: Path, extra_args: tuple[str,
             time.sleep(2)
         yield base, port, proc.pid
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # the caller may have stopped it
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
 

@@ -371,6 +371,37 @@ def test_fit_check_catches_undersized_groups():
     assert check_worker_groups(manifest)  # a group that can never have a pod
 
 
+def test_render_router_and_fast_path(tmp_path: Path, crd_validator, monkeypatch):
+    """Routers and shared stores go in args.router; the fast path's variables on every pod."""
+    from rayllm_app.cli import main
+
+    def pod_env(manifest: dict) -> list[dict[str, str]]:
+        cluster = manifest["spec"]["rayClusterConfig"]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return [{e["name"]: e.get("value") for e in g["template"]["spec"]["containers"][0]["env"]} for g in groups]
+
+    monkeypatch.chdir(ROOT)
+    default = render_rayservice(["models/smollm2-135m-instruct.yaml"])
+    assert serve_config_of(default)["applications"][0]["args"]["router"] == {"replicas": 2}
+    for env in pod_env(default):
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    out = tmp_path / "routers.yaml"
+    assert main(["kuberay", "render", "--model", "models/smollm2-135m-instruct.yaml", "--router-replicas", "2-8",
+                 "--responses-store", "redis://redis:6379/1", "--limits-store", "redis://redis:6379/0",
+                 "--no-fast-path", "--output", str(out)]) == 0
+    manifest = _load(out)
+    assert crd_errors(crd_validator, manifest) == []
+    check_serve_config(manifest)
+    assert serve_config_of(manifest)["applications"][0]["args"]["router"] == {
+        "autoscaling": {"min_replicas": 2, "max_replicas": 8}, "responses_store": "redis://redis:6379/1",
+        "limits_store": "redis://redis:6379/0"}
+    assert all("RAY_SERVE_ENABLE_HA_PROXY" not in env for env in pod_env(manifest))
+    header = out.read_text().splitlines()[3]
+    assert "--router-replicas 2-8" in header and "--no-fast-path" in header
+    with pytest.raises(RenderError, match="(?s)args.router.*responses_store: Value error, use .embedded."):
+        render_rayservice(["models/smollm2-135m-instruct.yaml"], RenderOptions(router={"responses_store": "mysql://x"}))
+
+
 def test_render_errors(tmp_path: Path, capsys):
     from rayllm_app.cli import main
 
@@ -461,9 +492,22 @@ class LocalRayCluster:
                  "--object-store-memory=200000000"]
         return args
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _pod_env(self, group: dict) -> dict[str, str]:
+        """The group's container env (the fast path's variables among them), as a pod has it;
+        plus, test-only, private ports for what HAProxy binds on every node (stats, Prometheus,
+        the fallback proxy): the nodes share this machine's loopback."""
+        container = group["template"]["spec"]["containers"][0]
+        env = {item["name"]: item["value"] for item in container.get("env", ()) if "value" in item}
+        if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            env.update({"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port())})
+        return env
+
+    def _start(self, name: str, args: list[str], group: dict) -> None:
         log = open(self.workdir / f"ray-{name}.log", "w")
-        proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *args], env=self.env,
+        proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *args],
+                                env={**self.env, **self._pod_env(group)},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
 
@@ -471,14 +515,14 @@ class LocalRayCluster:
         args = self._node_args(group) + [
             "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
-        self._start("head", args)
+        self._start("head", args, group)
         self._wait(lambda: _port_open(self.gcs_port), 90, "head GCS")
 
     def wait_for_dashboard(self) -> None:
         self._wait(lambda: _http_json(f"{self.dashboard_url}/api/version"), 90, "head dashboard")
 
     def start_worker(self, group: dict, index: int) -> None:
-        self._start(f"worker-{index}", self._node_args(group) + [f"--address=127.0.0.1:{self.gcs_port}"])
+        self._start(f"worker-{index}", self._node_args(group) + [f"--address=127.0.0.1:{self.gcs_port}"], group)
 
     def nodes(self) -> list[dict]:
         from ray.util.state import list_nodes
@@ -587,7 +631,7 @@ def test_rendered_manifest_serves_on_multinode_ray(tmp_path: Path, crd_validator
         },
         "scaling_config": {"num_workers": 1, "num_gpus_per_worker": 0, "num_cpus_per_worker": 1},
     }
-    manifest = render_rayservice([tiny], RenderOptions(name="rayllm-e2e"))
+    manifest = render_rayservice([tiny], RenderOptions(name="rayllm-e2e", router={"replicas": "per_node"}))
     assert crd_errors(crd_validator, manifest) == []
     check_serve_config(manifest)
     cluster_spec = manifest["spec"]["rayClusterConfig"]
@@ -596,8 +640,10 @@ def test_rendered_manifest_serves_on_multinode_ray(tmp_path: Path, crd_validator
     assert head_group["rayStartParams"]["num-cpus"] == "0"
     assert worker_group["rayStartParams"]["num-cpus"] == "2"  # replica 1 CPU + worker 1 CPU
 
-    # Test-only overrides: both nodes share this machine's loopback, so one proxy (on the
-    # head, as KubeRay's head service routes to) on a free port instead of :8000 on every node.
+    head_env = {e["name"]: e.get("value") for e in head_group["template"]["spec"]["containers"][0]["env"]}
+    assert head_env["RAY_SERVE_ENABLE_HA_PROXY"] == head_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Test-only overrides: both nodes share this machine's loopback, so one ingress (HAProxy on
+    # the head, as KubeRay's head service routes to) on a free port instead of :8000 on every node.
     serve_config = serve_config_of(manifest)
     http_port = free_port()
     serve_config["http_options"] = {"host": "127.0.0.1", "port": http_port}
@@ -654,6 +700,17 @@ def test_rendered_manifest_serves_on_multinode_ray(tmp_path: Path, crd_validator
         replicas = deployments["model-tiny-kuberay"]["replicas"]
         assert replicas and all(r["state"] == "RUNNING" for r in replicas)
         assert {r["node_id"] for r in replicas} <= worker_ids, "the model replica must run on a worker node"
+        # One router per node (router.replicas: per_node), both behind the head's HAProxy.
+        routers = deployments["router"]["replicas"]
+        assert sorted(r["node_id"] for r in routers) == sorted(head_ids | worker_ids)
+        answered: set[str] = set()
+        for _ in range(30):  # HAProxy learns of a router from Serve a moment after it is up
+            answered |= {httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10,
+                                   headers={"connection": "close"}).json()["router"] for _ in range(6)}
+            if len(answered) == len(routers):
+                break
+            time.sleep(1)
+        assert answered == {r["replica_id"] for r in routers}
         assert httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10).status_code == 200
     finally:
         cluster.stop()
