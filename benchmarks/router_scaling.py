@@ -44,7 +44,8 @@ from rayllm_app.ports import free_port  # noqa: E402
 
 FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                  "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_worker_niceness": "0",
-                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
+                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_SERVE_HAPROXY_NBTHREAD": "1"}  # one HAProxy per node already
 APP = "rayllm"
 MODEL_TITLE = "ray::ServeReplica:rayllm:model-"
 ROUTER_TITLE = "ray::ServeReplica:rayllm:router"
@@ -86,7 +87,8 @@ class LoopbackCluster:
                   f"--ray-client-server-port={free_port()}"] if index == 0
                  else [f"--address=127.0.0.1:{self.gcs_port}"])
         out = open(self.workdir / f"ray-node{index}.log", "w")
-        self.procs.append(subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block", *args],
+        ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # no console script on the GPU machines
+        self.procs.append(subprocess.Popen([*ray_cli, "start", "--block", *args],
                                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
     def _wait_gcs(self) -> None:
