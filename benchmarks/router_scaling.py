@@ -152,22 +152,26 @@ def deploy_nodes() -> list[str]:
     return sorted(r["node_id"][:8] for r in replicas if str(r.get("state")).endswith("RUNNING"))
 
 
-def routers_answering(ports: list[int], want: int, timeout_s: float = 180) -> set[str]:
+def routers_answering(ports: list[int], want: int, timeout_s: float = 180) -> list[int]:
+    """Once ``want`` routers answer /health through the nodes' HAProxy: the ports that answer
+    (Serve runs HAProxy on the head and on nodes with replicas; the load goes to those)."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     seen: set[str] = set()
     while time.monotonic() < deadline:
-        seen = set()
+        seen, live = set(), []
         for port in ports:
             for _ in range(3 * want):
                 try:
                     seen.add(httpx.get(f"http://127.0.0.1:{port}/health", timeout=10,
                                        headers={"connection": "close"}).json()["router"])
+                    if port not in live:
+                        live.append(port)
                 except (httpx.HTTPError, ValueError, KeyError):
                     pass
         if len(seen) == want:
-            return seen
+            return live
         time.sleep(2)
     raise RuntimeError(f"{want} routers did not all answer within {timeout_s:.0f} s (saw {len(seen)})")
 
@@ -348,9 +352,10 @@ def main(argv=None) -> int:
             for routers in order[round_no % len(order):] + order[:round_no % len(order)]:
                 t0 = time.monotonic()
                 deploy(configs, routers, cluster.http_ports[0])
-                routers_answering(cluster.http_ports, routers)
+                ports = routers_answering(cluster.http_ports, routers)
                 nodes = deploy_nodes()
-                log(f"{routers} router(s) up in {time.monotonic() - t0:.0f} s, on nodes {nodes}")
+                log(f"{routers} router(s) up in {time.monotonic() - t0:.0f} s, on nodes {nodes}; "
+                    f"{len(ports)} of {len(cluster.http_ports)} nodes' HAProxy answer")
                 cfg = BenchConfig(base_url="", model=model, endpoint="completions", stream=True,
                                   concurrency=args.concurrency, max_duration=args.duration, drain_timeout=30,
                                   request_timeout=120, input_len=args.input_len, output_len=args.output_len,
@@ -360,7 +365,7 @@ def main(argv=None) -> int:
 
                 warmup(replace(cfg, base_url=f"http://127.0.0.1:{cluster.http_ports[0]}/v1"), vocab, 16)
                 before, wall0 = cpu_by_role(), time.monotonic()
-                result, client_busy = spread_level(cfg, cluster.http_ports, args.clients, vocab)
+                result, client_busy = spread_level(cfg, ports, args.clients, vocab)
                 after, wall = cpu_by_role(), time.monotonic() - wall0
                 tokens = max(result.total_output_tokens, 1)
                 used = {role: after[role] - before.get(role, 0.0) for role in after}
@@ -374,6 +379,7 @@ def main(argv=None) -> int:
                        "model_ms_per_1k": round(1e6 * used["model"] / tokens, 2),
                        "router_busy": round(used["router"] / wall / routers, 3), "client_busy_max": client_busy}
                 run["router_nodes"] = nodes
+                run["ingress_nodes"] = len(ports)
                 run["router_cpu_s"] = per_router  # each router process's CPU seconds in the run
                 runs.append(run)
                 log(f"{routers} router(s): {run['req_s']} req/s, {run['out_tok_s']} tok/s, TTFT p50 "

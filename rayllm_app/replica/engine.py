@@ -260,7 +260,10 @@ class VLLMEngine:
         return bool(self._engine.errored)
 
     def num_unfinished_requests(self) -> int:
-        return self._engine.get_num_unfinished_requests()
+        getter = getattr(self._engine, "get_num_unfinished_requests", None)
+        if getter is None:  # vLLM 0.24's AsyncLLM has no such method: its output processor counts them
+            return self._engine.output_processor.get_num_unfinished_requests()
+        return getter()
 
     def child_pids(self) -> list[int]:
         """The engine's own processes (engine core, workers): children of this replica."""
