@@ -176,14 +176,26 @@ def routers_answering(ports: list[int], want: int, timeout_s: float = 180) -> li
     raise RuntimeError(f"{want} routers did not all answer within {timeout_s:.0f} s (saw {len(seen)})")
 
 
-def cpu_by_role() -> dict[str, float]:
-    """CPU seconds so far of every router, HAProxy and model replica (with its engine) process;
-    also each router process's own, under ``router:<pid>``."""
-    totals = {"router": 0.0, "haproxy": 0.0, "model": 0.0}
-    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+def cluster_processes(roots: list[int]) -> list[psutil.Process]:
+    """Every process under these ``ray start`` processes: this cluster's, not another Ray's on
+    the same host (a test session's, say), whose routers have the same title."""
+    found: list[psutil.Process] = []
+    for pid in roots:
         try:
-            title = " ".join(proc.info["cmdline"] or ())
-            role = ("router" if title.startswith(ROUTER_TITLE) else "haproxy" if "haproxy" in (proc.info["name"] or "")
+            found += psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            continue
+    return found
+
+
+def cpu_by_role(roots: list[int]) -> dict[str, float]:
+    """CPU seconds so far of this cluster's routers, HAProxy and model replicas (with their
+    engines); also each router process's own, under ``router:<pid>``."""
+    totals = {"router": 0.0, "haproxy": 0.0, "model": 0.0}
+    for proc in cluster_processes(roots):
+        try:
+            title = " ".join(proc.cmdline())
+            role = ("router" if title.startswith(ROUTER_TITLE) else "haproxy" if "haproxy" in proc.name()
                     else "model" if title.startswith(MODEL_TITLE) else None)
             if role is None:
                 continue
@@ -364,9 +376,10 @@ def main(argv=None) -> int:
                 from benchmarks.gpu_load import warmup
 
                 warmup(replace(cfg, base_url=f"http://127.0.0.1:{cluster.http_ports[0]}/v1"), vocab, 16)
-                before, wall0 = cpu_by_role(), time.monotonic()
+                roots = [proc.pid for proc in cluster.procs]
+                before, wall0 = cpu_by_role(roots), time.monotonic()
                 result, client_busy = spread_level(cfg, ports, args.clients, vocab)
-                after, wall = cpu_by_role(), time.monotonic() - wall0
+                after, wall = cpu_by_role(roots), time.monotonic() - wall0
                 tokens = max(result.total_output_tokens, 1)
                 used = {role: after[role] - before.get(role, 0.0) for role in after}
                 per_router = sorted(round(v, 2) for k, v in used.items() if k.startswith("router:"))

@@ -9,6 +9,7 @@ answers it with vLLM's own OpenAI application; its bytes pass straight through.
 from __future__ import annotations
 
 import asyncio
+import os
 import dataclasses
 import json
 import time
@@ -171,6 +172,7 @@ class Router:
         health = self.status.health()
         health["stream_channel"] = self.channels.stats() if self.channels is not None else None
         health["router"] = self.replica_id  # which router replica answered (there may be several)
+        health["router_pid"] = os.getpid()
         return JSONResponse(health)
 
     @app.get("/metrics", include_in_schema=False)

@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psutil
@@ -23,9 +22,15 @@ ROUTER_TITLE = "ray::ServeReplica:rayllm:router"
 
 
 @pytest.fixture(scope="module")
-def two_routers(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
+def two_routers(tmp_path_factory: pytest.TempPathFactory):
+    from rayllm_app.storage.tiny_model import build_tiny_llama
+
     folder = tmp_path_factory.mktemp("routers")
-    config = tiny_model_config(MODEL, tiny_model_path, max_total_tokens=2048)
+    # Wider than the session's tiny model, so that a long stream is still being generated when
+    # its router dies (the tiny one writes 1,000 tokens faster than a client thread reads them).
+    model = build_tiny_llama(folder / "model", hidden_size=512, num_hidden_layers=4)
+    config = tiny_model_config(MODEL, model, max_total_tokens=2048)
+    config["engine_config"]["engine_kwargs"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
     with running_rayllm({MODEL: config}, folder, ("--router-replicas", "2")) as (base, port, pid):
         yield base, port, folder, pid
 
@@ -91,29 +96,39 @@ def test_requests_spread_over_the_router_replicas(two_routers):
     assert len({s.router for s in streams}) == 2  # leastconn over concurrent connections
 
 
+def router_pids(base: str, want: int, timeout_s: float = 60) -> dict[str, int]:
+    """Router replica id -> its process (from /health, reached through HAProxy)."""
+    pids: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(pids) < want and time.monotonic() < deadline:
+        health = httpx.get(f"{base}/health", timeout=10, headers={"connection": "close"}).json()
+        pids[health["router"]] = health["router_pid"]
+    assert len(pids) == want, pids
+    return pids
+
+
 def test_killing_a_router_loses_only_the_requests_it_held(two_routers):
     base, _, _, pid = two_routers
     routers_answering(base, 2)
-    streams = [Stream(base, 1500) for _ in range(8)]
+    pids = router_pids(base, 2)
+    assert set(pids.values()) <= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    streams = [Stream(base, 1900) for _ in range(8)]
     for stream in streams:
         stream.start()
     for stream in streams:
         assert stream.started.wait(timeout=120)
-    assert all(s.error is None for s in streams), [(s.router, s.error) for s in streams]
-    holders = {s.router for s in streams}
-    assert len(holders) == 2, holders
-    victim = next(p for p in psutil.Process(pid).children(recursive=True)
-                  if " ".join(p.cmdline()).startswith(ROUTER_TITLE))
-    victim.kill()
+    live = [s for s in streams if not s.done and s.error is None]  # still streaming when the router dies
+    victim_id = streams[0].router
+    psutil.Process(pids[victim_id]).kill()
+    assert {s.router for s in streams} == set(pids)
     for stream in streams:
         stream.join(timeout=150)
-    broken = [s for s in streams if not s.done]
-    finished = [s for s in streams if s.done]
-    # Every stream of the killed router broke; every stream of the other one finished whole.
-    assert broken and finished, [(s.router, s.done, s.error) for s in streams]
-    assert len({s.router for s in broken}) == 1
-    assert {s.router for s in finished}.isdisjoint({s.router for s in broken})
-    assert all(s.error is None for s in finished)
+    held = [s for s in live if s.router == victim_id]
+    others = [s for s in live if s.router != victim_id]
+    assert held and others, [(s.router, s.done, s.error) for s in streams]
+    # Every live stream of the killed router broke; every live stream of the other finished whole.
+    assert all(not s.done and s.error for s in held), [(s.router, s.done, s.error) for s in held]
+    assert all(s.done and s.error is None for s in others), [(s.router, s.done, s.error) for s in others]
     # New requests keep working while Serve replaces the router (HAProxy retries a connection
     # the dead one refuses, and its health check takes it out), and both answer again later.
     for _ in range(5):
@@ -121,7 +136,7 @@ def test_killing_a_router_loses_only_the_requests_it_held(two_routers):
                               timeout=60, headers={"connection": "close"})
         assert response.status_code == 200, response.text
     again = routers_answering(base, 2, timeout_s=180)
-    assert broken[0].router not in again  # a new replica took its place
+    assert victim_id not in again  # a new replica took its place
 
 
 def test_restart_right_after_ctrl_c_serves_on_the_same_port(two_routers):
@@ -144,6 +159,9 @@ def test_restart_right_after_ctrl_c_serves_on_the_same_port(two_routers):
             base2, port2, _):
         assert port2 == port
         assert httpx.get(f"{base2}/health", timeout=10).json()["models"][MODEL]["status"] == "ready"
-        text = (second / "run.log").read_text(errors="replace")
-        assert f"Serving {MODEL} on http://127.0.0.1:{port}/v1" in text
+        line = f"Serving {MODEL} on http://127.0.0.1:{port}/v1"  # printed once P answers: a moment after /health
+        deadline = time.monotonic() + 60
+        while line not in (second / "run.log").read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert line in (second / "run.log").read_text(errors="replace")
     print(f"first run stopped in {stopped_s:.1f} s")
