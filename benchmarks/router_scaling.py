@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from rayllm_app.config.router_settings import FAST_PATH_ENV  # noqa: E402
 from rayllm_app.ports import free_port  # noqa: E402
 
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_worker_niceness": "0",
-                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0",
-                 "RAY_SERVE_HAPROXY_NBTHREAD": "1"}  # one HAProxy per node already
+NODE_ENV = {**FAST_PATH_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_worker_niceness": "0",
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_SERVE_HAPROXY_NBTHREAD": "1"}  # one HAProxy per node already
 APP = "rayllm"
 MODEL_TITLE = "ray::ServeReplica:rayllm:model-"
 ROUTER_TITLE = "ray::ServeReplica:rayllm:router"
@@ -74,7 +74,7 @@ class LoopbackCluster:
 
     def _start(self, index: int, cpus: int, gpus: int) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(FAST_PATH_ENV)
+        env.update(NODE_ENV)
         env.update({"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()), "RAY_AUTH_MODE": "disabled"})
         if index:
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     if args.plot:
         plot(json.loads(Path(args.plot[0]).read_text()), Path(args.plot[1]))
         return 0
-    os.environ.update(FAST_PATH_ENV)  # this process builds the handles the routers get
+    os.environ.update(NODE_ENV)  # this process builds the handles the routers get
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     configs = model_configs(args)

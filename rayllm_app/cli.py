@@ -68,15 +68,6 @@ def _store_url(value: str) -> str:
     raise argparse.ArgumentTypeError(f"{value!r}: use 'embedded' or a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
 
 
-def _router_replicas(value: str) -> dict[str, object]:
-    from rayllm_app.config.router_settings import parse_router_replicas
-
-    try:
-        return parse_router_replicas(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from rayllm_app.config import ConfigError, load_model_configs
 
@@ -203,11 +194,11 @@ def _fast_path_environment(host: str, environ: Mapping[str, str]) -> dict[str, s
 
     Ray reads these variables when it starts, so they are set before ``ray.init``.
     """
+    from rayllm_app.config.router_settings import FAST_PATH_ENV
     from rayllm_app.ports import free_port
 
     wanted = {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        **FAST_PATH_ENV,
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
         "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, (os.cpu_count() or 1) // 4))),
     }
@@ -261,6 +252,8 @@ def _cmd_prepare_default(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rayllm_app.config.router_settings import router_replicas_arg
+
     parser = argparse.ArgumentParser(prog="rayllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -286,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=float, default=None, help="seconds; timed-out requests get 504")
     run.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     run.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics")
-    run.add_argument("--router-replicas", type=_router_replicas, default={"replicas": 1}, metavar="N|per-node|MIN-MAX",
+    run.add_argument("--router-replicas", type=router_replicas_arg, default={"replicas": 1}, metavar="N|per-node|MIN-MAX",
                      help="router replicas: a count (1-64), one per node ('per-node'), or a range to autoscale "
                      "in ('1-4'); behind one port, and key budgets and stored responses hold across all of them")
     run.add_argument("--limits-store", type=_store_url, default=None, metavar="URL",

@@ -11,6 +11,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# Throughput-optimized Serve behind Ray's HAProxy ingress: the variables Ray reads where each node,
+# the controller and the replicas start (rayllm run, the KubeRay pods, benchmarks/router_scaling.py).
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
 class RouterAutoscaling(BaseModel):
     """Ray Serve autoscaling for the router: replicas follow the requests each one holds open."""
 
@@ -114,3 +119,13 @@ def parse_router_replicas(text: str) -> dict[str, object]:
             return {"autoscaling": {"min_replicas": int(low), "max_replicas": int(high)}}
         return {"replicas": int(low)}
     raise ValueError(f"{text!r}: use a count (2), 'per-node', or a range to autoscale in (1-4)")
+
+
+def router_replicas_arg(text: str) -> dict[str, object]:
+    """``parse_router_replicas`` as an argparse ``type`` (its message, not argparse's generic one)."""
+    import argparse
+
+    try:
+        return parse_router_replicas(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from rayllm_app.config import ConfigError
-from rayllm_app.config.router_settings import parse_router_replicas
+from rayllm_app.config.router_settings import router_replicas_arg
 from rayllm_app.kuberay.groups import manifest_models
 from rayllm_app.kuberay.manifest import (
     ACCELERATOR_LABELS,
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-memory", default=None, help="head pod memory (default: 8Gi with GPUs, else 3Gi)")
     parser.add_argument("--revision", default=None,
                         help="annotation on the head pod; a new value makes KubeRay upgrade on a new cluster")
-    parser.add_argument("--router-replicas", type=_router_replicas, default=None, metavar="N|per-node|MIN-MAX",
+    parser.add_argument("--router-replicas", type=router_replicas_arg, default=None, metavar="N|per-node|MIN-MAX",
                         help=f"router replicas: a count, one per node when deployed, or a range to autoscale in "
                              f"(default: {DEFAULT_ROUTER_REPLICAS})")
     parser.add_argument("--responses-store", default=None, metavar="URL",
@@ -97,13 +97,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key budgets and usage history: a Redis URL (default: embedded, on the head pod)")
     parser.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
                         help="throughput-optimized Serve behind Ray's HAProxy ingress on every pod (default: on)")
-
-
-def _router_replicas(value: str) -> dict[str, object]:
-    try:
-        return parse_router_replicas(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def router_args(args: argparse.Namespace) -> dict[str, object]:

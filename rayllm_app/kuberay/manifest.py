@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from rayllm_app.config import ConfigError, ModelConfig, format_validation_error, load_model_entries
-from rayllm_app.config.router_settings import RouterSettings
+from rayllm_app.config.router_settings import FAST_PATH_ENV, RouterSettings
 from rayllm_app.kuberay.groups import (
     GPU_RESOURCE,
     IMPORT_PATH,
@@ -40,11 +40,9 @@ CACHE_DIR = "/data/cache"  # an emptyDir on every worker: converted/mirrored wei
 REVISION_ANNOTATION = "rayllm.io/revision"
 # Two routers: losing one (its pod, or a crash) loses only the requests it held.
 DEFAULT_ROUTER_REPLICAS = 2
-# Throughput-optimized Serve behind Ray's HAProxy ingress on every pod (see rayllm_app.cli's
-# _fast_path_environment): HAProxy listens on the serve port and spreads connections over the
-# router replicas of the whole cluster. Ray reads these when each node starts, so they are the
-# pods' environment rather than serveConfigV2's.
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# The fast path (FAST_PATH_ENV) on every pod: HAProxy listens on the serve port and spreads
+# connections over the router replicas of the whole cluster. Ray reads these when each node
+# starts, so they are the pods' environment rather than serveConfigV2's.
 
 # Ray accelerator_type (ray.util.accelerators) -> node label value, per labelling scheme.
 ACCELERATOR_LABELS: dict[str, tuple[str, dict[str, str]] | None] = {
