@@ -10,9 +10,14 @@ the other two sit idle. Workloads (llm-d's and sglang#21199's shapes, scaled dow
 * ``shared_prefix``: ``--groups`` groups x ``--prompts`` prompts; each group has its own long
   system prompt (``--prefix-words``), each prompt a short question; all shuffled, closed loop
   at ``--concurrency``.
-* ``multi_turn``: ``--users`` users x ``--turns`` turns over one shared system prompt; each turn
-  sends the user's history (earlier questions and fixed answers) and a new question; a user's
-  turns run in order, the users at once.
+* ``multi_turn``: ``--users`` users x ``--turns`` turns over one shared system prompt
+  (``--system-words``); each turn sends the user's history (earlier questions and fixed answers
+  of ``--answer-words``) and a new question; a user's turns run in order, the users at once.
+  The history outgrows the system prompt after a turn or two, as in chats and agents (answers
+  and tool results are longer than questions): what an engine has cached of a user's own
+  history is what affinity can save. (Until 2026-12-05 the default was a 700-word system prompt
+  and 40-word answers, where the shared system prompt, cached on every replica anyway, was
+  most of each prompt; ``--system-words 700 --answer-words 40`` gives that shape.)
 * ``adversarial``: one hot prefix (``--hot-words``) and long unique suffixes
   (``--suffix-words``), closed loop at ``--concurrency``.
 
@@ -103,7 +108,7 @@ def adversarial(rng: random.Random, args) -> list[list[dict]]:
 
 def multi_turn(rng: random.Random, args) -> list[list[list[dict]]]:
     """Per user, the messages of each turn in order (turn k holds turns 0..k-1 as history)."""
-    system = make_prompt(rng, args.prefix_words)
+    system = make_prompt(rng, args.system_words)
     users = []
     for _ in range(args.users):
         history: list[tuple[str, str]] = []
@@ -328,12 +333,13 @@ def plot(report: dict, png: Path) -> None:
 # 24 GiB CI host into Ray's OOM killer.
 SMOKE_POLICIES = "power_of_two,prefix_aware"
 SMOKE = {"rounds": 1, "replicas": 2, "hidden": 128, "layers": 2, "groups": 2, "prompts": 2, "users": 2, "turns": 2,
-         "adversarial_requests": 4, "prefix_words": 150, "hot_words": 150, "suffix_words": 100, "concurrency": 2,
-         "output_len": 4}
-# ~3.2 tokens per word with the test tokenizer: prompts of 2-3.3k tokens (max_model_len 4096).
-FULL = {"rounds": 2, "replicas": 2, "hidden": 512, "layers": 4, "groups": 6, "prompts": 6, "users": 6, "turns": 4,
-        "adversarial_requests": 16, "prefix_words": 700, "hot_words": 400, "suffix_words": 600, "concurrency": 6,
-        "output_len": 16}
+         "adversarial_requests": 4, "prefix_words": 150, "system_words": 150, "answer_words": 40,
+         "hot_words": 150, "suffix_words": 100, "concurrency": 2, "output_len": 4}
+# ~3.2 tokens per word with the test tokenizer: prompts of 2-3.5k tokens (max_model_len 4096);
+# multi_turn's last turn: 150 + 4 x (40 + 180) + 40 = 1,070 words.
+FULL = {"rounds": 2, "replicas": 2, "hidden": 512, "layers": 4, "groups": 6, "prompts": 6, "users": 6, "turns": 5,
+        "adversarial_requests": 16, "prefix_words": 700, "system_words": 150, "answer_words": 180,
+        "hot_words": 400, "suffix_words": 600, "concurrency": 6, "output_len": 16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -343,7 +349,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {value} "
                        f"(--smoke: {SMOKE[name]})")
     p.add_argument("--question-words", type=int, default=40)
-    p.add_argument("--answer-words", type=int, default=40, help="the fixed answer each multi-turn turn adds")
     p.add_argument("--tag", default="", help="appended to the results' file names")
     p.add_argument("--load-guard", type=int, default=4)
     p.add_argument("--policies", default=None, help=f"default {','.join(POLICIES)} (--smoke: {SMOKE_POLICIES})")
@@ -408,7 +413,7 @@ def main(argv=None) -> int:
                  "commit": commit(None), "versions": {k: v for k, v in versions.items() if v},
                  "load": (f"shared_prefix {args.groups} groups x {args.prompts} prompts, {args.prefix_words}-word system "
                           f"prompts, c={args.concurrency}; multi_turn {args.users} users x {args.turns} turns over a "
-                          f"{args.prefix_words}-word system prompt, {args.question_words}-word questions and "
+                          f"{args.system_words}-word system prompt, {args.question_words}-word questions and "
                           f"{args.answer_words}-word answers; adversarial {args.adversarial_requests} requests, a "
                           f"{args.hot_words}-word hot prefix and {args.suffix_words}-word unique suffixes, "
                           f"c={args.concurrency}; {args.output_len} output tokens each, streamed chat"),

@@ -110,7 +110,36 @@ def test_the_index_forgets_the_least_recently_used():
     index.record((1, 2, 3), "r1")
     index.record((4,), "r2")
     assert len(index) == 3
-    assert index.deepest((1,), {"r1": "R1"}) == (None, 0) and index.deepest((3,), {"r1": "R1"}) == ("R1", 1)
+    assert index.depths((1,), {"r1"}) == {} and index.depths((3,), {"r1"}) == {"r1": (1, 0)}
+
+
+def test_every_replica_a_prefix_went_to_is_remembered_the_latest_first():
+    index = PrefixIndex(100, holders=2)
+    index.record((1, 2), "r1")
+    index.record((1, 3), "r2")
+    assert index.depths((1, 2), {"r1", "r2"}) == {"r1": (2, 0), "r2": (1, 0)}
+    index.record((1,), "r3")
+    assert index.depths((1,), {"r1", "r2", "r3"}) == {"r3": (1, 0), "r2": (1, 1)}  # r1: beyond 2 holders
+    assert index.depths((1, 2), {"r2"}) == {"r2": (1, 1)}  # only live replicas count
+
+
+def test_a_prefix_every_replica_holds_is_placed_by_load():
+    """A conversation's first turn shares only the system prompt (keys 1, 2), which both
+    replicas have seen: it goes to the less loaded one. Its next turn follows its own history
+    there, with a guard for what that replica holds beyond the other (1 key of 4: 4 * 1 // 4)."""
+    pool = replicas("r1", "r2")
+
+    def seen_system_prompt() -> PrefixIndex:
+        index = PrefixIndex(100)
+        index.record((1, 2, 3), "r1")
+        index.record((1, 2, 4), "r2")
+        return index
+
+    assert ids(rank_by_affinity((1, 2, 5), pool, seen_system_prompt(), {"r1": 1, "r2": 0}, 4))[0] == ["r2"]
+    index = seen_system_prompt()
+    assert ids(rank_by_affinity((1, 2, 5), pool, index, {"r1": 0, "r2": 1}, 4))[0] == ["r1"]
+    assert ids(rank_by_affinity((1, 2, 5, 6), pool, index, {"r1": 1, "r2": 0}, 4))[0] == ["r1"]
+    assert ids(rank_by_affinity((1, 2, 5, 7), pool, index, {"r1": 2, "r2": 0}, 4))[0] == ["r2"]
 
 
 def test_round_robin_and_power_of_two_send_no_keys():
