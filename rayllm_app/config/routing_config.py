@@ -5,12 +5,15 @@
 - ``session``: the requests of one session go to one replica, where its KV cache is. A
   session is the ``x-session-id`` header, else the body's ``user``, else (Responses) the chain
   a ``previous_response_id`` continues. Requests without one are routed as ``power_of_two``.
-- ``prefix_aware``: requests that share a prompt prefix go to the replica that served it
-  last, by prefix-cache affinity on blocks of the prompt; Responses continuations as ``session``.
+- ``prefix_aware``: requests that share a prompt prefix go to the replica that holds the most
+  of it (the less loaded among equals), by prefix-cache affinity on blocks of the prompt;
+  Responses continuations as ``session``.
 
 Both keep a load guard: when the preferred replica has more than ``load_guard`` requests
 above the least loaded one, the request goes to the least loaded instead (and its prefix is
-then remembered there), so a hot prefix or session cannot pile onto one replica.
+then remembered there), so a hot prefix or session cannot pile onto one replica. Under
+``prefix_aware`` the guard is scaled by the share of the prompt the preferred replica holds
+beyond the least loaded one.
 See rayllm_app.routing.prefix_affinity.
 """
 
@@ -21,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 RoutingPolicy = Literal["power_of_two", "round_robin", "session", "prefix_aware"]
+AFFINITY_POLICIES = frozenset({"session", "prefix_aware"})  # the policies that route by affinity keys
 
 
 class RoutingConfig(BaseModel):

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from rayllm_app.config import ModelConfig, parse_model_config
+from rayllm_app.config.routing_config import AFFINITY_POLICIES
 from rayllm_app.conversations import open_response_store
 from rayllm_app.errors import ReplicaFailedError
 from rayllm_app.observability import hop_trace
@@ -33,6 +34,7 @@ from rayllm_app.replica.stream_channel import (
     Ticket,
 )
 from rayllm_app.replica.usage_meter import REQUEST_USAGE
+from rayllm_app.routing.served_keys import ServedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class ModelServer:
 
     idle_sleep: IdleSleep | None = None  # deployment_config.idle_sleep
     adapters: AdapterManager | None = None  # lora_config
+    served_keys: ServedKeys | None = None  # an affinity routing policy
     _unhealthy = False  # the last health check failed: new requests are refused
 
     async def __init__(self, config: dict[str, Any], responses: dict[str, Any] | None = None) -> None:
@@ -64,6 +67,8 @@ class ModelServer:
         self._pumps: set[asyncio.Task] = set()         # channel streams in flight
         self._failed_pumps: set[asyncio.Task] = set()  # cancelled because the engine stalled
         self.idle_sleep = self._start_idle_sleep()
+        # The affinity keys served here, for every router's replica choice (routing.served_keys).
+        self.served_keys = ServedKeys() if self.config.deployment_config.routing.policy in AFFINITY_POLICIES else None
         self.responses = ResponsesState(open_response_store(**responses), self.engine, self.config.model_id) \
             if responses is not None else None
         if self.config.lora_config is not None:
@@ -162,6 +167,8 @@ class ModelServer:
         follows the stream."""
         if self.defaults.active:
             request = dataclasses.replace(request, body=self.defaults.apply(request.path, request.body))
+        if self.served_keys is not None and request.affinity:
+            self.served_keys.add(request.affinity)
         timer = self.metrics.start()
         usage = Usage()
         REQUEST_USAGE.set(usage)  # vLLM's handler tasks, started below, inherit it
@@ -240,11 +247,15 @@ class ModelServer:
                 "stream_channel": channel.describe() if channel is not None else None}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Ray Serve asks every few seconds (models with lora_config): the adapters held here,
-        for the request router's replica choice (routing.adapter_affinity, via routing.replica_router), and their loads."""
-        if self.adapters is None:
-            return {}
-        return {"adapters": self.adapters.held(), "adapter_loads": dict(self.adapters.loads)}
+        """Ray Serve asks every few seconds (models with our request router, routing.replica_router):
+        the adapters held here and their loads (routing.adapter_affinity), and a filter of the
+        affinity keys served here (routing.served_keys)."""
+        stats: dict[str, Any] = {}
+        if self.adapters is not None:
+            stats.update(adapters=self.adapters.held(), adapter_loads=dict(self.adapters.loads))
+        if self.served_keys is not None:
+            stats["served_keys"] = self.served_keys.filter()
+        return stats
 
     def _refuse_if_unhealthy(self) -> None:
         """Serve routes to a replica until it fails three health checks in a row: until then,

@@ -24,9 +24,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from rayllm_app.config.routing_config import RoutingConfig
+from rayllm_app.config.routing_config import AFFINITY_POLICIES, RoutingConfig
 
-AFFINITY_POLICIES = frozenset({"session", "prefix_aware"})  # the policies that route by keys
 _OUR_ID = re.compile(r"resp_([0-9a-f]{16})[0-9a-f]{16}")
 _SEED = b"rayllm-affinity"
 

@@ -24,17 +24,21 @@ one key for its session. Here, per request:
    follows its own history after that.
 
 The index is approximate: it knows where requests were sent, not what each engine still
-caches (an engine may have evicted a block), and each router keeps its own. Routers that
-disagree (one saw a guard trip the other did not) cost a prefill, never a wrong answer.
+caches (an engine may have evicted a block). Each router keeps its own, and adds what every
+replica reports it served (rayllm_app.routing.served_keys, polled every few seconds), so
+routers agree within a poll period, and a restarted router within one period too. Routers
+that disagree meanwhile (a turn routed by one router reaches another before the next poll)
+cost a prefill, never a wrong answer.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from rayllm_app.routing.adapter_affinity import rendezvous_score
+from rayllm_app.routing.served_keys import served_depth
 
 
 class PrefixIndex:
@@ -72,10 +76,11 @@ class PrefixIndex:
 
 
 def rank_by_affinity(keys: Sequence[int], replicas: list[Any], index: PrefixIndex, queue_len: dict[str, int],
-                     load_guard: int) -> list[list[Any]]:
+                     load_guard: int, served: Mapping[str, bytes | None] | None = None) -> list[list[Any]]:
     """Ranked replica groups for a request with affinity ``keys``; the first group is the one
     replica chosen (Ray falls back to the next group only if it is full), and the index
-    remembers it for the request's keys."""
+    remembers it for the request's keys. ``served``: each replica's filter of the keys it
+    served (rayllm_app.routing.served_keys), which covers what other routers sent there."""
     if not replicas:
         return []
 
@@ -86,6 +91,10 @@ def rank_by_affinity(keys: Sequence[int], replicas: list[Any], index: PrefixInde
         return queue_len.get(rid(replica), 0)
 
     held = index.depths(keys, {rid(r) for r in replicas})
+    for replica_id, bits in (served or {}).items():
+        depth = served_depth(bits, keys)
+        if depth > held.get(replica_id, (0, 0))[0]:
+            held[replica_id] = (depth, index.holders)  # known from the replica: after the router's own
     if held:
         def standing(replica: Any) -> tuple[int, int, int]:
             depth, place = held.get(rid(replica), (0, index.holders))

@@ -59,14 +59,16 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         keys = getattr(forwarded, "affinity", ())
         if not keys or len(candidate_replicas) < 2:
             return await super().choose_replicas(candidate_replicas, pending_request)
+        served = {r.replica_id.unique_id: (r.routing_stats or {}).get("served_keys") for r in candidate_replicas}
         return rank_by_affinity(keys, candidate_replicas, self.index, self._queue_lengths(candidate_replicas),
-                                self.load_guard)
+                                self.load_guard, served)
 
 
 def request_router_config(*, adapter_load_guard: int = DEFAULT_LOAD_GUARD, load_guard: int = DEFAULT_LOAD_GUARD,
                           index_size: int = 200_000, policy: str = "power_of_two") -> Any:
     """The deployment option that installs this router, with the replicas' stats (the adapters
-    each holds) reported often enough that a new adapter's holder is known within seconds."""
+    each holds, the affinity keys each served) reported often enough that every router knows
+    them within seconds."""
     from ray.serve.config import RequestRouterConfig
 
     return RequestRouterConfig(

@@ -372,6 +372,67 @@ def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_until_the_load_guard
     assert spread[other]["queries"] > after[other]["queries"], "the load guard never sent the hot prefix elsewhere"
 
 
+def test_a_router_that_routed_none_of_a_prefix_finds_the_replica_that_served_it(migrate_root):
+    """Issue 17, routers that agree: the test process is a second router (a deployment handle
+    here has a request router of its own, with an empty index). Conversations that share a
+    short system prompt, each with a long question of its own, go through the app's router at
+    once, so load spreads them over both replicas. Each is then sent again through this
+    process's router, which never routed them: it must send each to the replica that served it
+    (from the replicas' filters of served keys, which the routers get every 2 s), as that
+    engine's prefix-cache hits show: all of the prompt but its last partial block. Sent by
+    rendezvous hashing instead, as a router without the filters would, the conversations on
+    the other replica would find only the system prompt there."""
+    from ray import serve
+
+    from rayllm_app.config.routing_config import RoutingConfig
+    from rayllm_app.replica.deployment import deployment_name
+    from rayllm_app.replica.http_forward import ForwardedRequest
+    from rayllm_app.router.affinity import affinity_keys
+
+    # A ~140-token system prompt and ~210-token questions: ~370 tokens in all (context 512).
+    system = "the sun rises in the east and sets in the west while rivers flow to the sea below. " * 3
+    question = "a quick brown fox jumps over the lazy dog and paris is the capital of france today. " * 10
+
+    def body(i: int) -> dict:
+        return {"model": MODEL, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": f"conversation {i}: {question}"}]}
+
+    async def spread(count: int) -> None:
+        async with httpx.AsyncClient(base_url=migrate_root, headers=HEADERS, timeout=300) as spread_client:
+            async def one(i: int) -> None:
+                response = await spread_client.post("/v1/chat/completions", json=body(i))
+                assert response.status_code == 200, response.text
+            await asyncio.gather(*(one(i) for i in range(count)))
+
+    count = 4 * (PREFIX_LOAD_GUARD + 1)
+    before = prefix_cache_by_replica()
+    asyncio.run(spread(count))
+    after = prefix_cache_by_replica()
+    assert all(after[pid]["queries"] > before[pid]["queries"] for pid in after), \
+        f"load did not spread the conversations over both replicas: {before} -> {after}"
+    time.sleep(3 * 2.0)  # the replicas' routing stats (STATS_PERIOD_S) reach this process's router
+
+    handle = serve.get_deployment_handle(deployment_name(MODEL), app_name=APP)
+    routing = RoutingConfig(policy="prefix_aware", load_guard=PREFIX_LOAD_GUARD)
+    served_by: dict[int, int] = {}
+    for i in range(count):
+        data = body(i)
+        request = ForwardedRequest("POST", "/v1/chat/completions", json.dumps(data).encode(), "",
+                                   (("content-type", "application/json"),),
+                                   affinity_keys(routing, "/v1/chat/completions", data, {}))
+        start = prefix_cache_by_replica()
+        reply = handle.forward.remote(request).result(timeout_s=300)
+        assert reply.status_code == 200, reply.body[:500]
+        end = prefix_cache_by_replica()
+        (pid,) = [p for p in end if end[p]["queries"] > start[p]["queries"]]
+        queries, hits = end[pid]["queries"] - start[pid]["queries"], end[pid]["hits"] - start[pid]["hits"]
+        assert hits >= queries - 128, f"conversation {i} went to replica {pid}, which held {hits} of its {queries} " \
+                                      "prompt tokens: not the replica that served it"
+        served_by[pid] = served_by.get(pid, 0) + 1
+    assert len(served_by) == 2, f"every repeat went to one replica ({served_by}): nothing here needed the filters"
+
+
 def test_a_stored_response_continues_after_every_replica_that_held_it_is_gone(migrate_root, responses_store):
     """Issue 17: stored Responses live in the shared store (Redis here, when installed), not in
     a replica. Create one, continue it, SIGKILL both replicas, and continue it again on their
