@@ -60,6 +60,16 @@ def test_summary_compares_each_policy_with_power_of_two_and_judges_the_targets()
     assert "adversarial" in lines[1] and "missed" in lines[1]  # 0.90x throughput: outside 5%
 
 
+def test_policies_are_compared_within_each_round():
+    """The host's state swings between rounds: a policy's runs are paired with power-of-two's
+    of the same round (geometric mean of the ratios), never median against median."""
+    runs = [_run("multi_turn", "power_of_two", 2000, 10, 0.5, 1), _run("multi_turn", "prefix_aware", 1000, 12, 0.7, 1),
+            _run("multi_turn", "power_of_two", 400, 10, 0.5, 2), _run("multi_turn", "prefix_aware", 200, 12, 0.7, 2)]
+    row = {r["policy"]: r for r in routing.summary_rows(runs)}["prefix_aware"]
+    assert row["ttft_p50_vs_p2c_rounds"] == pytest.approx([0.5, 0.5])
+    assert row["ttft_p50_vs_p2c"] == pytest.approx(0.5) and row["tok_s_vs_p2c"] == pytest.approx(1.2)
+
+
 @pytest.mark.e2e
 def test_smoke_run_measures_every_policy_and_workload(tmp_path: Path):
     out = tmp_path / "results"
