@@ -15,9 +15,9 @@ the other two sit idle. Workloads (llm-d's and sglang#21199's shapes, scaled dow
   of ``--answer-words``) and a new question; a user's turns run in order, the users at once.
   Between a user's turns: ``--think-s`` (2 s), the user reading and typing. Without it the
   loop is closed at 6 requests in flight, and by Little's law what the cache saves comes back
-  as throughput rather than TTFT. The history outgrows the system prompt after a turn or two, as in chats and agents (answers
-  and tool results are longer than questions): what an engine has cached of a user's own
-  history is what affinity can save. (Until 2026-12-05 the default was a 700-word system prompt
+  as throughput rather than TTFT. The history outgrows the system prompt after a turn or two,
+  as in chats and agents (answers and tool results are longer than questions): what an engine
+  has cached of a user's own history is what affinity can save. (Until 2026-12-05 the default was a 700-word system prompt
   and 40-word answers, where the shared system prompt, cached on every replica anyway, was
   most of each prompt; ``--system-words 700 --answer-words 40`` gives that shape.)
 * ``adversarial``: one hot prefix (``--hot-words``) and long unique suffixes

@@ -9,11 +9,11 @@ answers it with vLLM's own OpenAI application; its bytes pass straight through.
 from __future__ import annotations
 
 import asyncio
-import os
 import dataclasses
 import json
-import time
 import logging
+import os
+import time
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -22,7 +22,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rayllm_app.config import parse_model_config
+from rayllm_app.config.key_config import PRIORITY_VALUES
 from rayllm_app.config.router_settings import RouterSettings
+from rayllm_app.config.routing_config import AFFINITY_POLICIES
 from rayllm_app.errors import (
     EngineError,
     InvalidRequestError,
@@ -34,22 +36,28 @@ from rayllm_app.errors import (
 )
 from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import collect_prometheus_text, record_migration
-from rayllm_app.config.key_config import PRIORITY_VALUES
-from rayllm_app.replica.http_forward import FORWARDED_HEADERS, ForwardedRequest, Reply, Usage
+from rayllm_app.replica.http_forward import (
+    FORWARDED_HEADERS,
+    ForwardedRequest,
+    Reply,
+    Usage,
+)
 from rayllm_app.replica.sleep_registry import sleep_command
 from rayllm_app.replica.stream_channel import RouterChannels
 from rayllm_app.router.adapters import AdapterCatalog, AdapterRoute
-from rayllm_app.router.affinity import AFFINITY_POLICIES, affinity_keys
+from rayllm_app.router.affinity import affinity_keys
 from rayllm_app.router.auth import ApiKey, KeyStore, PermissionDeniedError
 from rayllm_app.router.budgets import PRIORITY_PATHS, Admission, Budgets, with_priority
-from rayllm_app.router.http_errors import error_response, install_error_handlers, install_middleware
+from rayllm_app.router.http_errors import (
+    error_response,
+    install_error_handlers,
+    install_middleware,
+)
 from rayllm_app.router.middleware import set_request_model
 from rayllm_app.router.migration import Attempts, trackable
 from rayllm_app.router.model_calls import ModelCalls, translate_serve_error
 from rayllm_app.router.model_status import FAILED, READY, ModelSpec, ModelStatusTracker
 from rayllm_app.router.playground import mount_playground
-from rayllm_app.router.stored_responses import StoredResponses, owner_header, with_response_id
-from rayllm_app.router.streaming import Streams
 from rayllm_app.router.protocol import (
     ENDPOINT_CAPABILITIES,
     FORWARDED_BODY_SCHEMA,
@@ -58,6 +66,12 @@ from rayllm_app.router.protocol import (
     ModelList,
     peek_body,
 )
+from rayllm_app.router.stored_responses import (
+    StoredResponses,
+    owner_header,
+    with_response_id,
+)
+from rayllm_app.router.streaming import Streams
 
 logger = logging.getLogger(__name__)
 
