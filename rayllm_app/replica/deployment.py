@@ -22,7 +22,7 @@ from rayllm_app.errors import ReplicaFailedError
 from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import ModelMetrics, status_of
 from rayllm_app.replica.engine_guard import start_guard
-from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Sink, Usage
+from rayllm_app.replica.http_forward import END_GRACE_S, ForwardedRequest, Reply, Sink, Usage, answer_finished
 from rayllm_app.replica.idle_sleep import IdleSleep
 from rayllm_app.replica.lora_adapters import AdapterManager
 from rayllm_app.replica.request_defaults import RequestDefaults
@@ -134,7 +134,14 @@ class ModelServer:
                 async for item in items:
                     yield item
             return
-        send = functools.partial(server.send, channel)
+        send_frame = functools.partial(server.send, channel)
+        last = [b""]
+
+        def send(item: Reply | bytes, tokens: list[int] | None = None) -> None:
+            if item.__class__ is bytes:
+                last[0] = item  # type: ignore[assignment]
+            send_frame(item, tokens)
+
         tracker = None
         if channel.track or resume is not None:
             engine = self.engine
@@ -146,11 +153,18 @@ class ModelServer:
         try:
             yield server.ticket
             try:
-                await pump  # cancelling this call cancels the pump, which aborts the engine request
+                # Cancelling this call cancels the pump below (which aborts the engine request),
+                # unless the answer is whole by then.
+                await asyncio.shield(pump)
             except asyncio.CancelledError:
                 if pump in self._failed_pumps and not asyncio.current_task().cancelling():
                     raise ReplicaFailedError(f"The engine of model '{self.config.model_id}' stopped or stalled; "
                                              "this replica is being replaced.", reason="stalled") from None
+                if answer_finished(last[0]) and pump not in self._failed_pumps:
+                    # The answer is whole: its client left at its last event, and Ray Serve
+                    # cancelled this call. Only the END frame with its usage is left to send;
+                    # without it the router charges the request's reservation, not its tokens.
+                    await asyncio.wait([pump], timeout=END_GRACE_S)
                 raise
         finally:
             self._pumps.discard(pump)

@@ -24,6 +24,18 @@ FORWARDED_HEADERS = ("content-type", "accept", "anthropic-version", "anthropic-b
 DISCONNECT_GRACE_S = 2.0
 # Response headers the router sets itself.
 _DROPPED_REPLY_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
+# The last event of each streamed API vLLM serves (OpenAI chat/completions, Anthropic
+# Messages, Responses): after one of them the answer is whole, and only its usage is to come.
+_LAST_EVENTS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed",
+                b"event: response.incomplete", b"event: response.failed")
+# How long a whole answer's usage may take to follow it, when its client has already left.
+END_GRACE_S = 5.0
+
+
+def answer_finished(chunk: bytes) -> bool:
+    """Whether these bytes, the last sent, end with the answer's last event."""
+    tail = chunk[-400:]
+    return any(marker in tail for marker in _LAST_EVENTS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -302,6 +302,20 @@ class Subscription:
             self.error = error
             self._wake()
 
+    async def usage_at_end(self) -> Usage | None:
+        """The END frame's usage, once it comes, dropping what comes before it. A failure of
+        the call does not end this wait: when a client leaves right after a whole answer, Ray
+        Serve cancels the call (and so fails the stream) while the END frame may still be on
+        the way. The caller bounds the wait."""
+        while not self.ended:
+            self.items.clear()
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.usage
+
     async def get(self) -> bytes | Reply | None:
         """The next bytes (everything already received, joined), a Reply, or None at
         the end; raises what failed the stream once nothing received is left."""

@@ -26,7 +26,7 @@ from typing import Any
 from rayllm_app.errors import EngineError, OpenAIError, RequestTimeoutError
 from rayllm_app.observability import hop_trace
 from rayllm_app.observability.metrics import record_migration
-from rayllm_app.replica.http_forward import ForwardedRequest, Reply, Usage
+from rayllm_app.replica.http_forward import END_GRACE_S, ForwardedRequest, Reply, Usage, answer_finished
 from rayllm_app.replica.resume import KEPT_HEADER, ResumeRequest
 from rayllm_app.replica.stream_channel import ChannelClosed, RouterChannels, Subscription, Ticket
 from rayllm_app.router.migration import Attempts, stream_identity
@@ -35,18 +35,6 @@ from rayllm_app.router.model_calls import ModelCalls, first_of, sse_error, trans
 logger = logging.getLogger(__name__)
 
 OnEnd = Callable[[Usage | None, int], None]
-
-# The last event of each streamed API vLLM serves (OpenAI chat/completions, Anthropic
-# Messages, Responses): after one of them the answer is whole.
-_LAST_EVENTS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed",
-                b"event: response.incomplete", b"event: response.failed")
-END_GRACE_S = 5.0  # how long a whole answer's usage may take to follow it
-
-
-def answer_finished(chunk: bytes) -> bool:
-    """Whether these bytes, the last relayed, end with the answer's last event."""
-    tail = chunk[-400:]
-    return any(marker in tail for marker in _LAST_EVENTS)
 
 
 @dataclass
@@ -257,12 +245,12 @@ class Streams:
 
     @staticmethod
     async def _end_on_channel(started: StartedStream, on_end: OnEnd) -> None:
-        """The client has the whole answer: wait for the END frame's usage behind it."""
+        """The client has the whole answer: wait for the END frame's usage behind it (the
+        replica sends it even when the call is cancelled at this point)."""
         sub = started.sub
         try:
             async with asyncio.timeout(END_GRACE_S):
-                while await sub.get() is not None:
-                    pass
+                await sub.usage_at_end()
         except Exception:  # noqa: BLE001 - no usage: the reservation is charged
             pass
         finally:

@@ -138,11 +138,22 @@ def replica_stats() -> dict[str, dict]:
     """Each tiny-lora replica's routing stats (the adapters it holds, its loads), by replica id."""
     import ray
 
+    def ask(handle) -> dict:
+        # A replica actor answers before Serve has built the user callable in it (Ray raises
+        # AttributeError on '_user_record_routing_stats'): ask again, briefly.
+        for _ in range(30):
+            try:
+                return ray.get(handle.record_routing_stats.remote(), timeout=30)
+            except ray.exceptions.RayTaskError as error:
+                if "_user_record_routing_stats" not in str(error):
+                    raise
+                time.sleep(1)
+        raise AssertionError("a replica never answered its routing stats")
+
     stats = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == "serve" and entry["name"].startswith(f"SERVE_REPLICA::{APP}#model-{BASE}#"):
-            handle = ray.get_actor(entry["name"], namespace="serve")
-            stats[entry["name"].rsplit("#", 1)[-1]] = ray.get(handle.record_routing_stats.remote(), timeout=30)
+            stats[entry["name"].rsplit("#", 1)[-1]] = ask(ray.get_actor(entry["name"], namespace="serve"))
     assert len(stats) == 2, stats
     return stats
 

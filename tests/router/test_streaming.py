@@ -190,3 +190,29 @@ def test_channel_relay_resumes_a_tracked_stream_once_within_the_limit(monkeypatc
         assert ended == [(Usage(3, 4), 200)]
 
     run(main())
+
+
+def test_channel_relay_counts_a_usage_that_follows_the_calls_cancellation():
+    """A client that leaves at ``[DONE]`` makes Ray Serve cancel the replica's call; the call's
+    failure reaches the stream before the END frame the replica still sends. The usage counts."""
+    from rayllm_app.errors import EngineError
+
+    async def main():
+        channels = RouterChannels()
+        sub = channels.open()
+        started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
+        ended: list = []
+        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub.push(b"data: [DONE]\n\n")
+        await read_then_leave(relay, 2)
+        sub.fail(EngineError("the request was cancelled"))  # the watcher sees the call cancelled
+        await asyncio.sleep(0.05)
+        assert ended == []
+        sub.end(Usage(6, 2))
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [(Usage(6, 2), 200)]
+
+    run(main())
