@@ -58,6 +58,15 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- the cluster
 
 
+def host_gpus() -> int:
+    """NVIDIA GPUs on this host (``nvidia-smi -L``), 0 without the tool."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
 class LoopbackCluster:
     """``ray start`` nodes on 127.0.0.1 with private ports; HAProxy on each at ``http_ports[i]``."""
 
@@ -344,7 +353,9 @@ def main(argv=None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     configs = model_configs(args)
     model = configs[0].model_id
-    gpus = int(configs[0].scaling_config.num_gpus_per_worker * configs[0].scaling_config.num_workers)
+    # The head node gets every GPU of the host when the model asks for any (replicas may take
+    # fractions of one, several replicas one each); the other nodes get none.
+    gpus = host_gpus() if configs[0].scaling_config.num_gpus_per_worker else 0
     import ray
     from ray import serve
 
@@ -403,10 +414,11 @@ def main(argv=None) -> int:
         ray.shutdown()
         cluster.stop()
     date = _dt.date.today().isoformat()
+    model_replicas = configs[0].deployment_config.autoscaling_config.min_replicas
     report = {"meta": {"date": date, "smoke": args.smoke, "commit": commit(None), "machine":
                        f"{platform.node()}, {os.cpu_count()} cores",
                        "setup": (f"{args.nodes} Ray nodes on loopback ({args.cpus_per_node} logical CPUs each), "
-                                 f"HAProxy on each; model {model} (1 replica); closed loop of {args.concurrency} "
+                                 f"HAProxy on each; model {model} ({model_replicas} replica(s)); closed loop of {args.concurrency} "
                                  f"streamed completions ({args.input_len} prompt / {args.output_len} output tokens, "
                                  f"ignore_eos) from {args.clients} client processes spread over the nodes' ports, "
                                  f"{args.duration:.0f} s per run, {args.rounds} rotating round(s).")},
