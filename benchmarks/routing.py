@@ -11,15 +11,21 @@ the other two sit idle. Workloads (llm-d's and sglang#21199's shapes, scaled dow
   system prompt (``--prefix-words``), each prompt a short question; all shuffled, closed loop
   at ``--concurrency``.
 * ``multi_turn``: ``--users`` users x ``--turns`` turns over one shared system prompt
-  (``--system-words``); each turn sends the user's history (earlier questions and fixed answers
-  of ``--answer-words``) and a new question; a user's turns run in order, the users at once.
-  Between a user's turns: ``--think-s`` (2 s), the user reading and typing. Without it the
-  loop is closed at 6 requests in flight, and by Little's law what the cache saves comes back
-  as throughput rather than TTFT. The history outgrows the system prompt after a turn or two,
-  as in chats and agents (answers and tool results are longer than questions): what an engine
-  has cached of a user's own history is what affinity can save. (Until 2026-12-05 the default was a 700-word system prompt
-  and 40-word answers, where the shared system prompt, cached on every replica anyway, was
-  most of each prompt; ``--system-words 700 --answer-words 40`` gives that shape.)
+  (``--system-words``); each turn sends the user's history (earlier questions, and the model's
+  own answers of ``--answer-tokens``) and a new question; a user's turns run in order, the
+  users at once. Between a user's turns: ``--think-s`` (2 s), the user reading and typing.
+  Without it the loop is closed at 6 requests in flight, and by Little's law what the cache
+  saves comes back as throughput rather than TTFT. The history outgrows the system prompt after
+  a turn or two, as in chats and agents (answers are longer than questions): what an engine has
+  cached of a user's own history is what affinity can save.
+
+  The answers are the model's own, as a chat client sends them back, so the engine that wrote
+  one has it cached. With random weights that needs one restriction: an answer keeps to the
+  vocabulary's word tokens (``allowed_token_ids``, see word_tokens), whose text tokenizes back
+  to the same ids; a random pick of tokens would not (its text re-tokenizes differently within
+  ~20 tokens), which a trained model's answers do. Until 2026-12-05 the answers were made-up
+  text the engine had never produced: every turn's answer was new to every cache, which capped
+  any router's hit rate at about 70% and its prefill savings against power-of-two near 40%.
 * ``adversarial``: one hot prefix (``--hot-words``) and long unique suffixes
   (``--suffix-words``), closed loop at ``--concurrency``.
 
@@ -109,24 +115,33 @@ def adversarial(rng: random.Random, args) -> list[list[dict]]:
     return [chat(hot, [], make_prompt(rng, args.suffix_words)) for _ in range(args.adversarial_requests)]
 
 
-def multi_turn(rng: random.Random, args) -> list[list[list[dict]]]:
-    """Per user, the messages of each turn in order (turn k holds turns 0..k-1 as history)."""
+def multi_turn(rng: random.Random, args) -> tuple[str, list[list[str]]]:
+    """The shared system prompt, and each user's questions in order. The answers in a user's
+    history are the model's own, so they are known only as the run goes (see drive)."""
     system = make_prompt(rng, args.system_words)
-    users = []
-    for _ in range(args.users):
-        history: list[tuple[str, str]] = []
-        turns = []
-        for _ in range(args.turns):
-            question = make_prompt(rng, args.question_words)
-            turns.append(chat(system, history, question))
-            history = history + [(question, make_prompt(rng, args.answer_words))]
-        users.append(turns)
-    return users
+    return system, [[make_prompt(rng, args.question_words) for _ in range(args.turns)] for _ in range(args.users)]
 
 
-def payload(model: str, messages: list[dict], output_len: int) -> dict:
-    return {"model": model, "messages": messages, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+def word_tokens(model_folder: Path) -> list[int]:
+    """The model's tokens that are a space and a lowercase word: text made of them tokenizes back
+    to the same ids, inside the chat template too. A trained model's answer comes back to it
+    as the tokens it generated (the engine finds them in its cache); random weights would
+    pick tokens that re-tokenize otherwise, so multi-turn answers keep to these."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+    words = sorted(i for token, i in tokenizer.get_vocab().items() if re.fullmatch(r"\u0120[a-z]{2,}", token))
+    return [i for i in words if tokenizer.encode(tokenizer.decode([i]), add_special_tokens=False) == [i]]
+
+
+def payload(model: str, messages: list[dict], output_len: int, allowed_token_ids: list[int] | None = None) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
+    if allowed_token_ids:
+        body["allowed_token_ids"] = allowed_token_ids  # vLLM's sampling extension
+    return body
 
 
 async def drive(base_url: str, model: str, workload: str, rng: random.Random, args):
@@ -139,25 +154,34 @@ async def drive(base_url: str, model: str, workload: str, rng: random.Random, ar
     t0 = time.perf_counter()
     deadline = t0 + args.max_duration
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        async def send(messages: list[dict], index: int) -> None:
+        async def send(body: dict, index: int, keep_text: bool = False):
             if time.perf_counter() < deadline:
-                records.append(await send_request(session, url, payload(model, messages, args.output_len),
-                                                  index=index, run_start=t0, stream=True))
+                records.append(await send_request(session, url, body, index=index, run_start=t0, stream=True,
+                                                  keep_text=keep_text))
+                return records[-1]
+            return None
 
         if workload == "multi_turn":
-            async def user(turns: list[list[dict]], first: int) -> None:
-                for k, messages in enumerate(turns):
+            system, users = multi_turn(rng, args)
+
+            async def user(questions: list[str], first: int) -> None:
+                history: list[tuple[str, str]] = []
+                for k, question in enumerate(questions):
                     if k:
                         await asyncio.sleep(args.think_s)  # the user reads the answer and types
-                    await send(messages, first + k)
-            await asyncio.gather(*(user(turns, u * args.turns) for u, turns in enumerate(multi_turn(rng, args))))
+                    body = payload(model, chat(system, history, question), args.answer_tokens, args.word_tokens)
+                    record = await send(body, first + k, keep_text=True)
+                    if record is None or not record.ok:
+                        return  # a conversation does not go on past a failed turn (the error is counted)
+                    history.append((question, record.text or ""))
+            await asyncio.gather(*(user(questions, u * args.turns) for u, questions in enumerate(users)))
         else:
             requests = shared_prefix(rng, args) if workload == "shared_prefix" else adversarial(rng, args)
             queue = iter(enumerate(requests))
 
             async def worker() -> None:
                 for index, messages in queue:
-                    await send(messages, index)
+                    await send(payload(model, messages, args.output_len), index)
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     return records, time.perf_counter() - t0
 
@@ -365,12 +389,13 @@ def plot(report: dict, png: Path) -> None:
 # 24 GiB CI host into Ray's OOM killer.
 SMOKE_POLICIES = "power_of_two,prefix_aware"
 SMOKE = {"rounds": 1, "replicas": 2, "hidden": 128, "layers": 2, "groups": 2, "prompts": 2, "users": 2, "turns": 2,
-         "adversarial_requests": 4, "prefix_words": 150, "system_words": 150, "answer_words": 40,
+         "adversarial_requests": 4, "prefix_words": 150, "system_words": 150, "answer_tokens": 8,
          "hot_words": 150, "suffix_words": 100, "concurrency": 2, "output_len": 4}
 # ~3.2 tokens per word with the test tokenizer: prompts of 2-3.5k tokens (max_model_len 4096);
-# multi_turn's last turn: 150 + 4 x (40 + 180) + 40 = 1,070 words.
+# multi_turn's last turn: 480 + 4 x (128 + 240) + 128 = about 2,100 tokens, most of it the
+# model's own answers.
 FULL = {"rounds": 2, "replicas": 2, "hidden": 512, "layers": 4, "groups": 6, "prompts": 6, "users": 6, "turns": 5,
-        "adversarial_requests": 16, "prefix_words": 700, "system_words": 150, "answer_words": 180,
+        "adversarial_requests": 16, "prefix_words": 700, "system_words": 150, "answer_tokens": 240,
         "hot_words": 400, "suffix_words": 600, "concurrency": 6, "output_len": 16}
 
 
@@ -435,6 +460,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     folder = build_model(args)
+    args.word_tokens = word_tokens(folder)
     yamls = model_yamls(folder, args, workdir)
     port = free_port()
     root_url, base_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v1"
@@ -450,7 +476,7 @@ def main(argv=None) -> int:
                  "load": (f"shared_prefix {args.groups} groups x {args.prompts} prompts, {args.prefix_words}-word system "
                           f"prompts, c={args.concurrency}; multi_turn {args.users} users x {args.turns} turns over a "
                           f"{args.system_words}-word system prompt, {args.question_words}-word questions and "
-                          f"{args.answer_words}-word answers, {args.think_s:g} s between a user's turns; adversarial {args.adversarial_requests} requests, a "
+                          f"the model's own {args.answer_tokens}-token answers, {args.think_s:g} s between a user's turns; adversarial {args.adversarial_requests} requests, a "
                           f"{args.hot_words}-word hot prefix and {args.suffix_words}-word unique suffixes, "
                           f"c={args.concurrency}; {args.output_len} output tokens each, streamed chat"),
                  "smoke": args.smoke},

@@ -161,8 +161,10 @@ async def send_request(
     index: int,
     run_start: float,
     stream: bool,
+    keep_text: bool = False,
 ) -> RequestRecord:
-    """POST one request and measure it. Never raises except on cancellation."""
+    """POST one request and measure it (with ``keep_text``, a stream's text goes in
+    ``rec.text``). Never raises except on cancellation."""
     t0 = time.perf_counter()
     rec = RequestRecord(index=index, ok=False, start=t0 - run_start)
     try:
@@ -178,7 +180,7 @@ async def send_request(
                 rec.e2e = time.perf_counter() - t0
                 return rec
             if stream:
-                await _read_stream(resp, rec, t0)
+                await _read_stream(resp, rec, t0, keep_text)
             else:
                 obj = await resp.json(content_type=None)
                 rec.e2e = time.perf_counter() - t0
@@ -202,7 +204,7 @@ async def send_request(
     return rec
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, t0: float) -> None:
+async def _read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, t0: float, keep_text: bool = False) -> None:
     """Read an SSE response. All events that arrive in one network read form one chunk:
     a server (or proxy) that flushes several events at once is coalescing tokens, and
     the per-token ITL then spreads the gap over all of them."""
@@ -210,6 +212,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, t0: flo
     events: list[ChunkEvent] = []
     final_tokens: int | None = None
     done = False
+    texts: list[str] = []
 
     def handle(batch: list[str], now: float) -> None:
         nonlocal final_tokens, done
@@ -229,7 +232,10 @@ async def _read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, t0: flo
                 if ct is not None:
                     final_tokens = ct
                 continue
-            event = ChunkEvent(now - t0, bool(chunk_text(obj)), ct)
+            text = chunk_text(obj)
+            if keep_text:
+                texts.append(text)
+            event = ChunkEvent(now - t0, bool(text), ct)
             merged = event if merged is None else merge_events(merged, event)
         if merged is not None:
             events.append(merged)
@@ -241,6 +247,8 @@ async def _read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, t0: flo
     rec.e2e = now - t0
     if not done:
         raise StreamError("stream closed before data: [DONE]")
+    if keep_text:
+        rec.text = "".join(texts)
     times, tokens, total, source = account_tokens(events, final_tokens)
     rec.chunk_times, rec.chunk_tokens = times, tokens
     rec.output_tokens, rec.token_source = total, source

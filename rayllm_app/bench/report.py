@@ -110,6 +110,7 @@ class RequestRecord:
     token_source: str = "none"  # usage-per-chunk | usage-final | chunks | usage | none
     error: str | None = None
     http_status: int | None = None
+    text: str | None = None  # the generated text, when the caller asked to keep it (a chat's next turn)
 
     def itl_per_token(self) -> list[float]:
         """Per-token inter-token latencies (see module doc)."""

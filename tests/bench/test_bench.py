@@ -527,3 +527,26 @@ def test_core_share_sums_time_per_thread_and_counts_preemptions():
     text = core_share.report(shares, {100: "VLLM::Worker (pid 100)"}, top=3)
     assert "CPU 0: top thread VLLM::Worker (pid 100) held 95.0%, preempted 2 times (1/s)" in text
     assert "idle" in text and "tid 200 (exited)" in text
+
+
+def test_a_stream_keeps_its_text_only_when_asked():
+    """A chat's next turn sends the answer back (benchmarks/routing.py's multi-turn)."""
+    import aiohttp
+
+    from rayllm_app.bench.client import send_request
+
+    async def go():
+        runner, url = await _serve(ScriptedServer(coalesce=2))
+        body = {"model": "scripted", "prompt": "a b", "max_tokens": 5, "stream": True}
+        try:
+            async with aiohttp.ClientSession() as session:
+                kept = await send_request(session, f"{url}/completions", body, index=0, run_start=0.0,
+                                          stream=True, keep_text=True)
+                plain = await send_request(session, f"{url}/completions", body, index=1, run_start=0.0, stream=True)
+        finally:
+            await runner.cleanup()
+        return kept, plain
+
+    kept, plain = asyncio.run(go())
+    assert kept.ok and kept.text == "xxxxx" and kept.output_tokens == 5
+    assert plain.ok and plain.text is None

@@ -29,12 +29,11 @@ def test_workloads_have_the_shapes_they_claim():
     args = routing.parse_args(["--smoke", "--groups", "3", "--prompts", "4", "--users", "2", "--turns", "3"])
     shared = routing.shared_prefix(random.Random(0), args)
     assert len(shared) == 12 and len({m[0]["content"] for m in shared}) == 3  # 3 system prompts, 4 questions each
-    users = routing.multi_turn(random.Random(0), args)
-    assert [len(turns) for turns in users] == [3, 3]
-    first, second, third = users[0]
-    assert second[:2] == first[:2] and third[:4] == second[:4]  # each turn extends the one before
+    system, users = routing.multi_turn(random.Random(0), args)
+    assert [len(questions) for questions in users] == [3, 3] and len(set(users[0] + users[1])) == 6
+    assert len(system.split()) == args.system_words  # one system prompt for every user
+    third = routing.chat(system, [(users[0][0], "a1"), (users[0][1], "a2")], users[0][2])
     assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert users[0][0][0] == users[1][0][0]  # one system prompt for every user
     hot = routing.adversarial(random.Random(0), args)
     assert len({m[0]["content"] for m in hot}) == 1 and len({m[1]["content"] for m in hot}) == len(hot)
     # Same seed, same prompts: the three policies of a round get the same work.
@@ -90,3 +89,27 @@ def test_smoke_run_measures_every_policy_and_workload(tmp_path: Path):
     assert turns["prefix_aware"]["hit_rate"] > 0, done.stdout[-3000:]
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "assets")], capture_output=True, text=True).stdout
     assert left.strip() == "", "rayllm run left processes behind"
+
+
+def test_answers_of_word_tokens_come_back_as_the_same_ids(tiny_model_path: Path):
+    """The multi-turn workload's premise: an answer the engine generated from word tokens,
+    sent back in the next turn's history, renders (chat template included) to the prompt's ids
+    and then the very ids generated, so the engine that wrote it finds it in its cache."""
+    from transformers import AutoTokenizer
+
+    words = routing.word_tokens(tiny_model_path)
+    assert len(words) >= 20
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_path))
+    rng = random.Random(3)
+
+    def ids(messages: list[dict], **kwargs) -> list[int]:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+    for _ in range(10):
+        messages = routing.chat("be brief", [], "what is the plan")
+        answer = [rng.choice(words) for _ in range(60)]
+        prompt = ids(messages, add_generation_prompt=True)
+        after = ids(messages + [{"role": "assistant", "content": tokenizer.decode(answer)},
+                                {"role": "user", "content": "and then"}], add_generation_prompt=True)
+        assert after[:len(prompt) + len(answer)] == prompt + answer
