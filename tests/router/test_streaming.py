@@ -52,6 +52,22 @@ async def read_then_leave(relay, chunks_wanted: int) -> list[bytes]:
     return got
 
 
+def channel_relay():
+    """A channelled stream's relay, its subscription, and what it settled with: [(usage, status)]."""
+    channels = RouterChannels()
+    sub = channels.open()
+    started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
+    ended: list = []
+    return sub, Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s))), ended
+
+
+async def settled(ended: list) -> None:
+    for _ in range(100):
+        if ended:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_answer_finished_knows_each_apis_last_event():
     assert answer_finished(b'data: {"x": 1}\n\ndata: [DONE]\n\n')
     assert answer_finished(b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
@@ -78,10 +94,7 @@ def test_channel_relay_waits_for_the_usage_only_after_a_whole_answer(leave_after
             return
         assert ended == [] and not call.cancelled  # the usage is still on its way
         sub.end(Usage(7, 3))
-        for _ in range(100):
-            if ended:
-                break
-            await asyncio.sleep(0.01)
+        await settled(ended)
         assert ended == [(Usage(7, 3), 200)] and call.cancelled
 
     run(main())
@@ -89,18 +102,11 @@ def test_channel_relay_waits_for_the_usage_only_after_a_whole_answer(leave_after
 
 def test_channel_relay_keeps_a_usage_that_came_before_the_client_left():
     async def main():
-        channels = RouterChannels()
-        sub = channels.open()
-        started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
-        ended: list = []
-        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub, relay, ended = channel_relay()
         sub.push(b"data: [DONE]\n\n")
         sub.end(Usage(4, 1))  # already received, not yet read by the relay
         await read_then_leave(relay, 2)
-        for _ in range(100):
-            if ended:
-                break
-            await asyncio.sleep(0.01)
+        await settled(ended)
         assert ended == [(Usage(4, 1), 200)]
 
     run(main())
@@ -110,11 +116,7 @@ def test_channel_relay_gives_up_on_a_usage_that_never_comes(monkeypatch):
     monkeypatch.setattr(streaming, "END_GRACE_S", 0.2)
 
     async def main():
-        channels = RouterChannels()
-        sub = channels.open()
-        started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
-        ended: list = []
-        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub, relay, ended = channel_relay()
         sub.push(b"data: [DONE]\n\n")
         await read_then_leave(relay, 2)
         await asyncio.sleep(0.5)
@@ -131,10 +133,7 @@ def test_ray_relay_reads_the_last_item_after_the_client_left():
         relay = Streams(None, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
         await read_then_leave(relay, 3)
         assert ended == []
-        for _ in range(100):
-            if ended:
-                break
-            await asyncio.sleep(0.01)
+        await settled(ended)
         assert ended == [(Usage(5, 2), 200)] and call.cancelled
 
     run(main())
@@ -198,21 +197,14 @@ def test_channel_relay_counts_a_usage_that_follows_the_calls_cancellation():
     from rayllm_app.errors import EngineError
 
     async def main():
-        channels = RouterChannels()
-        sub = channels.open()
-        started = StartedStream(FakeCall([]), Reply(200, b"data: {}\n\n", {}), sub, channels)
-        ended: list = []
-        relay = Streams(channels, None).relay(started, "m", None, None, lambda u, s: ended.append((u, s)))
+        sub, relay, ended = channel_relay()
         sub.push(b"data: [DONE]\n\n")
         await read_then_leave(relay, 2)
         sub.fail(EngineError("the request was cancelled"))  # the watcher sees the call cancelled
         await asyncio.sleep(0.05)
         assert ended == []
         sub.end(Usage(6, 2))
-        for _ in range(100):
-            if ended:
-                break
-            await asyncio.sleep(0.01)
+        await settled(ended)
         assert ended == [(Usage(6, 2), 200)]
 
     run(main())
