@@ -361,7 +361,9 @@ def test_prefix_aware_routing_keeps_a_prefix_on_one_replica_until_the_load_guard
     async def burst() -> None:
         async with httpx.AsyncClient(base_url=migrate_root, headers=HEADERS, timeout=300) as burst_client:
             async def one(n: int) -> None:
-                body = {"model": MODEL, "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+                # Long enough to overlap on a busy 2-core host, where the router admits a burst
+                # slowly: the guard trips only on a queue, and 64 tokens once let none build up.
+                body = {"model": MODEL, "max_tokens": 160, "temperature": 0, "ignore_eos": True,
                         "messages": [{"role": "system", "content": system},
                                      {"role": "user", "content": f"red green blue {n}"}]}
                 response = await burst_client.post("/v1/chat/completions", json=body)
